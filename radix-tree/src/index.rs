@@ -1,0 +1,602 @@
+//! The shared handle: the namespace registry, per-namespace locks, leases'
+//! clock, the tenant pin caps, counters and the event hook.
+
+use crate::clock::{Clock, MonotonicClock};
+use crate::error::{IndexError, Result};
+use crate::events::{EventSink, IndexEvent};
+use crate::namespace::{NamespaceConfig, NamespaceId, NamespaceKey};
+use crate::policy::{EvictionPolicy, Lru};
+use crate::sync::{Arc, AtomicU64, Ordering, RwLock, RwLockWriteGuard};
+use crate::tree::{OpCtx, Tree};
+use crate::{BlockId, EvictedPage, InsertOutcome, Lease, LeaseId, Match, PageHash, PageLocation, PinKind, Tier, TIERS};
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// Index-wide settings. Build with [`IndexConfig::builder`].
+#[derive(Debug, Clone)]
+pub struct IndexConfig {
+    policy: Arc<dyn EvictionPolicy>,
+    clock: Arc<dyn Clock>,
+    events: Option<Arc<dyn EventSink>>,
+    max_tokens_per_call: usize,
+    max_pinned_pages_per_tenant: u64,
+}
+
+impl Default for IndexConfig {
+    fn default() -> Self {
+        Self {
+            policy: Arc::new(Lru),
+            clock: Arc::new(MonotonicClock::default()),
+            events: None,
+            max_tokens_per_call: 1 << 22,
+            max_pinned_pages_per_tenant: u64::MAX,
+        }
+    }
+}
+
+impl IndexConfig {
+    pub fn builder() -> IndexConfigBuilder {
+        IndexConfigBuilder(IndexConfig::default())
+    }
+
+    pub fn policy(&self) -> &dyn EvictionPolicy {
+        &*self.policy
+    }
+}
+
+/// Builder for [`IndexConfig`].
+#[derive(Debug, Clone)]
+pub struct IndexConfigBuilder(IndexConfig);
+
+impl IndexConfigBuilder {
+    /// Eviction ranking (default LRU).
+    pub fn policy(mut self, policy: Arc<dyn EvictionPolicy>) -> Self {
+        self.0.policy = policy;
+        self
+    }
+
+    /// Clock for lease TTLs (default: monotonic wall clock).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.0.clock = clock;
+        self
+    }
+
+    /// Receives every stored / removed / cleared event.
+    pub fn events(mut self, sink: Arc<dyn EventSink>) -> Self {
+        self.0.events = Some(sink);
+        self
+    }
+
+    /// Longest prompt one call accepts (default 4Mi tokens).
+    pub fn max_tokens_per_call(mut self, tokens: usize) -> Self {
+        self.0.max_tokens_per_call = tokens;
+        self
+    }
+
+    /// Cap on pages one tenant may hold pinned (hard or soft) at once.
+    pub fn max_pinned_pages_per_tenant(mut self, pages: u64) -> Self {
+        self.0.max_pinned_pages_per_tenant = pages;
+        self
+    }
+
+    pub fn build(self) -> Result<IndexConfig> {
+        if self.0.max_tokens_per_call == 0 {
+            return Err(IndexError::InvalidConfig("max_tokens_per_call must be above zero"));
+        }
+        if self.0.max_pinned_pages_per_tenant == 0 {
+            return Err(IndexError::InvalidConfig("max_pinned_pages_per_tenant must be above zero"));
+        }
+        Ok(self.0)
+    }
+}
+
+#[derive(Debug)]
+struct Tenant {
+    pinned_pages: AtomicU64,
+}
+
+#[derive(Debug)]
+struct NamespaceEntry {
+    key: NamespaceKey,
+    tenant: Arc<Tenant>,
+    tree: RwLock<Tree>,
+}
+
+#[derive(Debug, Default)]
+struct Registry {
+    by_key: HashMap<Vec<u8>, NamespaceId>,
+    entries: Vec<Arc<NamespaceEntry>>,
+    tenants: HashMap<String, Arc<Tenant>>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    lookups: AtomicU64,
+    lookup_tokens: AtomicU64,
+    hit_tokens: [AtomicU64; TIERS],
+    inserted_pages: AtomicU64,
+    evicted_copies: [AtomicU64; TIERS],
+    removed_pages: AtomicU64,
+}
+
+/// A snapshot of the index's counters and sizes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IndexStats {
+    pub namespaces: usize,
+    pub lookups: u64,
+    /// Tokens asked for by lookups.
+    pub lookup_tokens: u64,
+    /// Tokens hit, counted on the fastest tier holding each page.
+    pub hit_tokens: [u64; TIERS],
+    pub inserted_pages: u64,
+    /// Copies dropped by eviction, per tier.
+    pub evicted_copies: [u64; TIERS],
+    /// Pages that left the tree (no copy left).
+    pub removed_pages: u64,
+    pub pages: u64,
+    pub tier_pages: [u64; TIERS],
+    pub nodes: u64,
+    pub pinned_pages: u64,
+    pub leases: usize,
+    /// The index's own heap memory (tokens, hashes, locations, maps).
+    pub memory_bytes: u64,
+}
+
+impl IndexStats {
+    pub fn hit_tokens_total(&self) -> u64 {
+        self.hit_tokens.iter().sum()
+    }
+}
+
+/// The shared, thread-safe index. See the crate docs for the model.
+#[derive(Debug)]
+pub struct RadixIndex {
+    config: IndexConfig,
+    registry: RwLock<Registry>,
+    tick: AtomicU64,
+    counters: Counters,
+}
+
+impl Default for RadixIndex {
+    fn default() -> Self {
+        Self::new(IndexConfig::default())
+    }
+}
+
+impl RadixIndex {
+    pub fn new(config: IndexConfig) -> Self {
+        Self {
+            config,
+            registry: RwLock::new(Registry::default()),
+            tick: AtomicU64::new(1),
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn config(&self) -> &IndexConfig {
+        &self.config
+    }
+
+    fn next_tick(&self) -> u64 {
+        self.tick.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Creates a namespace, or returns the existing one with the same key
+    /// (its page size must agree).
+    pub fn create_namespace(&self, key: &NamespaceKey, config: NamespaceConfig) -> Result<NamespaceId> {
+        let bytes = key.to_bytes();
+        let mut reg = self.registry.write();
+        if let Some(&id) = reg.by_key.get(&bytes) {
+            let existing = reg.entries[id.0 as usize].tree.read().page_size();
+            if existing != config.page_size() {
+                return Err(IndexError::NamespaceConflict {
+                    existing,
+                    requested: config.page_size(),
+                });
+            }
+            return Ok(id);
+        }
+        let id = NamespaceId(reg.entries.len() as u32);
+        let tenant = reg
+            .tenants
+            .entry(key.tenant.clone())
+            .or_insert_with(|| {
+                Arc::new(Tenant {
+                    pinned_pages: AtomicU64::new(0),
+                })
+            })
+            .clone();
+        reg.entries.push(Arc::new(NamespaceEntry {
+            key: key.clone(),
+            tenant,
+            tree: RwLock::new(Tree::new(id, config.page_size(), key.seed())),
+        }));
+        reg.by_key.insert(bytes, id);
+        Ok(id)
+    }
+
+    /// The id of an existing namespace.
+    pub fn namespace(&self, key: &NamespaceKey) -> Option<NamespaceId> {
+        self.registry.read().by_key.get(&key.to_bytes()).copied()
+    }
+
+    pub fn namespace_key(&self, ns: NamespaceId) -> Result<NamespaceKey> {
+        Ok(self.entry(ns)?.key.clone())
+    }
+
+    pub fn page_size(&self, ns: NamespaceId) -> Result<usize> {
+        Ok(self.entry(ns)?.tree.read().page_size())
+    }
+
+    fn entry(&self, ns: NamespaceId) -> Result<Arc<NamespaceEntry>> {
+        self.registry
+            .read()
+            .entries
+            .get(ns.0 as usize)
+            .cloned()
+            .ok_or(IndexError::UnknownNamespace(ns))
+    }
+
+    fn check_len(&self, tokens: &[u32]) -> Result<()> {
+        if tokens.len() > self.config.max_tokens_per_call {
+            return Err(IndexError::TooManyTokens {
+                tokens: tokens.len(),
+                limit: self.config.max_tokens_per_call,
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs a mutating operation on one namespace: reclaims expired leases
+    /// first, hands out an op context, keeps the tenant's pin count and
+    /// emits the events the operation produced.
+    fn write_op<R>(&self, entry: &NamespaceEntry, op: impl FnOnce(&mut Tree, &mut OpCtx<'_>) -> R) -> R {
+        let mut tree = entry.tree.write();
+        self.write_op_locked(entry, &mut tree, op)
+    }
+
+    fn write_op_locked<R>(
+        &self,
+        entry: &NamespaceEntry,
+        tree: &mut RwLockWriteGuard<'_, Tree>,
+        op: impl FnOnce(&mut Tree, &mut OpCtx<'_>) -> R,
+    ) -> R {
+        let pinned_before = tree.pinned_pages;
+        let pages_before = tree.pages;
+        let mut events = Vec::new();
+        let sink = self.config.events.as_deref();
+        let mut ctx = OpCtx {
+            policy: &*self.config.policy,
+            tick: self.next_tick(),
+            events: sink.map(|_| &mut events),
+        };
+        if tree.next_expiry().is_some_and(|e| e <= self.config.clock.now_ms()) {
+            tree.reclaim_expired(self.config.clock.now_ms(), &*self.config.policy);
+        }
+        let r = op(tree, &mut ctx);
+        let pinned_after = tree.pinned_pages;
+        if pinned_after != pinned_before {
+            if pinned_after > pinned_before {
+                entry.tenant.pinned_pages.fetch_add(pinned_after - pinned_before, Ordering::Relaxed);
+            } else {
+                entry.tenant.pinned_pages.fetch_sub(pinned_before - pinned_after, Ordering::Relaxed);
+            }
+        }
+        if tree.pages < pages_before {
+            self.counters.removed_pages.fetch_add(pages_before - tree.pages, Ordering::Relaxed);
+        }
+        if let Some(sink) = sink {
+            if !events.is_empty() {
+                sink.emit(&events);
+            }
+        }
+        r
+    }
+
+    /// The longest cached prefix of `tokens`, in whole pages, with each
+    /// page's copies. Never splits nodes; records the access.
+    pub fn match_prefix(&self, ns: NamespaceId, tokens: &[u32]) -> Result<Match> {
+        let mut out = Match::default();
+        self.match_prefix_into(ns, tokens, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`match_prefix`](Self::match_prefix) into a caller's buffer, so a hit
+    /// allocates nothing once the buffer has grown.
+    pub fn match_prefix_into(&self, ns: NamespaceId, tokens: &[u32], out: &mut Match) -> Result<()> {
+        self.check_len(tokens)?;
+        let entry = self.entry(ns)?;
+        let tree = entry.tree.read();
+        tree.match_into(tokens, &*self.config.policy, self.next_tick(), out);
+        drop(tree);
+        self.counters.lookups.fetch_add(1, Ordering::Relaxed);
+        self.counters.lookup_tokens.fetch_add(tokens.len() as u64, Ordering::Relaxed);
+        for (t, count) in self.counters.hit_tokens.iter().enumerate() {
+            // Attribute each page to the fastest tier holding it.
+            let pages = out
+                .locations
+                .iter()
+                .filter(|l| l.fastest().map(Tier::index) == Some(t))
+                .count();
+            if pages > 0 {
+                count.fetch_add((pages * out.page_size) as u64, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Cached whole pages at the start of `tokens`; records nothing.
+    pub fn cached_pages(&self, ns: NamespaceId, tokens: &[u32]) -> Result<usize> {
+        self.check_len(tokens)?;
+        Ok(self.entry(ns)?.tree.read().match_len(tokens))
+    }
+
+    /// Records `blocks` (one per whole page of `tokens`; a partial tail is
+    /// ignored) as copies on `tier`. Splits edges as needed.
+    pub fn insert(&self, ns: NamespaceId, tokens: &[u32], tier: Tier, blocks: &[BlockId]) -> Result<InsertOutcome> {
+        self.insert_with_priority(ns, tokens, tier, blocks, 0)
+    }
+
+    /// [`insert`](Self::insert) with a priority that the `priority` policy
+    /// ranks by (higher outlives lower).
+    pub fn insert_with_priority(
+        &self,
+        ns: NamespaceId,
+        tokens: &[u32],
+        tier: Tier,
+        blocks: &[BlockId],
+        priority: u8,
+    ) -> Result<InsertOutcome> {
+        self.check_len(tokens)?;
+        let entry = self.entry(ns)?;
+        let ps = entry.tree.read().page_size();
+        let pages = tokens.len() / ps;
+        if blocks.len() != pages {
+            return Err(IndexError::BlockCountMismatch {
+                pages,
+                blocks: blocks.len(),
+            });
+        }
+        if let Some(b) = blocks.iter().find(|b| b.0 == BlockId::NONE_RAW) {
+            return Err(IndexError::InvalidBlock(b.0));
+        }
+        let out = self.write_op(&entry, |tree, ctx| tree.insert(tokens, tier, blocks, priority, ctx));
+        self.counters.inserted_pages.fetch_add(out.new_pages as u64, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    /// Chained hashes of every whole page of `tokens` in this namespace.
+    pub fn page_hashes(&self, ns: NamespaceId, tokens: &[u32]) -> Result<Vec<PageHash>> {
+        self.check_len(tokens)?;
+        Ok(self.entry(ns)?.tree.read().page_hashes(tokens))
+    }
+
+    /// Where a page (named by hash) has copies, if it is cached.
+    pub fn location(&self, ns: NamespaceId, hash: PageHash) -> Result<Option<PageLocation>> {
+        Ok(self.entry(ns)?.tree.read().location_of(hash))
+    }
+
+    /// How many of `hashes`, from the first, are cached (a run of hits).
+    pub fn longest_cached_run(&self, ns: NamespaceId, hashes: &[PageHash]) -> Result<usize> {
+        let entry = self.entry(ns)?;
+        let tree = entry.tree.read();
+        Ok(hashes.iter().take_while(|h| tree.location_of(**h).is_some()).count())
+    }
+
+    /// Records a new copy of a cached page on `tier` (after a promotion or
+    /// demotion wrote it there).
+    pub fn add_location(&self, ns: NamespaceId, hash: PageHash, tier: Tier, block: BlockId) -> Result<()> {
+        if block.0 == BlockId::NONE_RAW {
+            return Err(IndexError::InvalidBlock(block.0));
+        }
+        let entry = self.entry(ns)?;
+        self.write_op(&entry, |tree, ctx| tree.add_location(hash, tier, block, ctx))
+    }
+
+    /// Drops a page's copy on `tier` (a tier lost or moved it). If that was
+    /// its last copy the page, and every page after it, leave the tree; all
+    /// dropped copies are returned for the caller to free. Fails with
+    /// [`IndexError::Pinned`] under a hard lease.
+    pub fn drop_location(&self, ns: NamespaceId, hash: PageHash, tier: Tier) -> Result<Vec<EvictedPage>> {
+        let entry = self.entry(ns)?;
+        let mut out = Vec::new();
+        self.write_op(&entry, |tree, ctx| tree.drop_location(hash, tier, ctx, &mut out))?;
+        Ok(out)
+    }
+
+    /// Evicts up to `pages` copies from `tier`, across all namespaces,
+    /// lowest rank first. Each returned entry says which copies were dropped
+    /// (the caller frees or demotes them) and which remain.
+    pub fn evict(&self, tier: Tier, pages: usize) -> Vec<EvictedPage> {
+        let entries: Vec<Arc<NamespaceEntry>> = self.registry.read().entries.clone();
+        let mut out = Vec::new();
+        let mut done = 0;
+        if let [entry] = entries.as_slice() {
+            done += self.write_op(entry, |tree, ctx| tree.evict(tier, pages, u64::MAX, ctx, &mut out));
+        } else {
+            // Merge across namespaces: evict from the one with the lowest
+            // rank until it passes the runner-up's.
+            while done < pages {
+                let mut best: Option<(u64, usize)> = None;
+                let mut second = u64::MAX;
+                for (i, e) in entries.iter().enumerate() {
+                    let key = e.tree.write().min_key(tier, &*self.config.policy);
+                    if let Some(k) = key {
+                        match best {
+                            Some((b, _)) if k >= b => second = second.min(k),
+                            _ => {
+                                if let Some((b, _)) = best {
+                                    second = second.min(b);
+                                }
+                                best = Some((k, i));
+                            }
+                        }
+                    }
+                }
+                let Some((_, i)) = best else { break };
+                let n = self.write_op(&entries[i], |tree, ctx| tree.evict(tier, pages - done, second, ctx, &mut out));
+                if n == 0 {
+                    break;
+                }
+                done += n;
+            }
+        }
+        self.counters.evicted_copies[tier.index()].fetch_add(done as u64, Ordering::Relaxed);
+        out
+    }
+
+    /// Evicts up to `pages` copies from `tier` within one namespace (a
+    /// tenant over its quota evicts its own pages).
+    pub fn evict_namespace(&self, ns: NamespaceId, tier: Tier, pages: usize) -> Result<Vec<EvictedPage>> {
+        let entry = self.entry(ns)?;
+        let mut out = Vec::new();
+        let done = self.write_op(&entry, |tree, ctx| tree.evict(tier, pages, u64::MAX, ctx, &mut out));
+        self.counters.evicted_copies[tier.index()].fetch_add(done as u64, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    /// Pins the longest cached prefix of `tokens` for `ttl`.
+    pub fn pin(&self, ns: NamespaceId, tokens: &[u32], kind: PinKind, ttl: Duration) -> Result<Lease> {
+        self.check_len(tokens)?;
+        if ttl.is_zero() {
+            return Err(IndexError::ZeroTtl);
+        }
+        let entry = self.entry(ns)?;
+        let cap = self.config.max_pinned_pages_per_tenant;
+        let expires_ms = self.config.clock.now_ms().saturating_add(ttl.as_millis() as u64);
+        let tenant = &entry.tenant;
+        let (id, pages) = self.write_op(&entry, |tree, ctx| {
+            tree.pin(tokens, kind, expires_ms, ctx.policy, |newly| {
+                let pinned = tenant.pinned_pages.load(Ordering::Relaxed);
+                if pinned.saturating_add(newly) > cap {
+                    return Err(IndexError::PinCapExceeded {
+                        pinned,
+                        requested: newly,
+                        cap,
+                    });
+                }
+                Ok(())
+            })
+        })?;
+        Ok(Lease { id, pages, expires_ms })
+    }
+
+    /// Extends a lease to `ttl` from now (keepalive).
+    pub fn renew(&self, lease: LeaseId, ttl: Duration) -> Result<u64> {
+        if ttl.is_zero() {
+            return Err(IndexError::ZeroTtl);
+        }
+        let entry = self.entry(lease.ns)?;
+        let expires_ms = self.config.clock.now_ms().saturating_add(ttl.as_millis() as u64);
+        self.write_op(&entry, |tree, _| tree.renew(lease.seq, expires_ms))?;
+        Ok(expires_ms)
+    }
+
+    /// Releases a lease. Its pages become evictable again.
+    pub fn release(&self, lease: LeaseId) -> Result<()> {
+        let entry = self.entry(lease.ns)?;
+        self.write_op(&entry, |tree, ctx| tree.release(lease.seq, ctx.policy))?;
+        Ok(())
+    }
+
+    /// Releases every expired lease in every namespace. Returns how many.
+    /// (Mutating calls on a namespace also do this for it first.)
+    pub fn reclaim_expired(&self) -> usize {
+        let entries: Vec<Arc<NamespaceEntry>> = self.registry.read().entries.clone();
+        let now = self.config.clock.now_ms();
+        entries
+            .iter()
+            .map(|e| {
+                let mut tree = e.tree.write();
+                if tree.next_expiry().is_some_and(|x| x <= now) {
+                    self.write_op_locked(e, &mut tree, |tree, ctx| tree.reclaim_expired(now, ctx.policy))
+                } else {
+                    0
+                }
+            })
+            .sum()
+    }
+
+    /// Drops every page of a namespace (admin flush). Fails with
+    /// [`IndexError::Pinned`] while a hard lease is held there.
+    pub fn clear_namespace(&self, ns: NamespaceId) -> Result<Vec<EvictedPage>> {
+        let entry = self.entry(ns)?;
+        let mut out = Vec::new();
+        self.write_op(&entry, |tree, ctx| tree.clear(ctx, &mut out))?;
+        Ok(out)
+    }
+
+    /// Pages pinned by all of a tenant's namespaces.
+    pub fn tenant_pinned_pages(&self, tenant: &str) -> u64 {
+        self.registry
+            .read()
+            .tenants
+            .get(tenant)
+            .map_or(0, |t| t.pinned_pages.load(Ordering::Relaxed))
+    }
+
+    /// Pages held on `tier` across all namespaces.
+    pub fn tier_pages(&self, tier: Tier) -> u64 {
+        let entries: Vec<Arc<NamespaceEntry>> = self.registry.read().entries.clone();
+        entries.iter().map(|e| e.tree.read().tier_pages[tier.index()]).sum()
+    }
+
+    pub fn stats(&self) -> IndexStats {
+        let entries: Vec<Arc<NamespaceEntry>> = self.registry.read().entries.clone();
+        let c = &self.counters;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut s = IndexStats {
+            namespaces: entries.len(),
+            lookups: load(&c.lookups),
+            lookup_tokens: load(&c.lookup_tokens),
+            hit_tokens: std::array::from_fn(|t| load(&c.hit_tokens[t])),
+            inserted_pages: load(&c.inserted_pages),
+            evicted_copies: std::array::from_fn(|t| load(&c.evicted_copies[t])),
+            removed_pages: load(&c.removed_pages),
+            ..IndexStats::default()
+        };
+        for e in &entries {
+            let tree = e.tree.read();
+            s.pages += tree.pages;
+            for t in 0..TIERS {
+                s.tier_pages[t] += tree.tier_pages[t];
+            }
+            s.nodes += tree.live_nodes;
+            s.pinned_pages += tree.pinned_pages;
+            s.leases += tree.active_leases();
+            s.memory_bytes += tree.heap_bytes() as u64;
+        }
+        s
+    }
+
+    /// Checks every structural invariant of every namespace; panics with a
+    /// description when one fails. For tests: linear in the index's size.
+    #[cfg(any(test, feature = "test-utils"))]
+    pub fn check_invariants(&self) {
+        let entries: Vec<Arc<NamespaceEntry>> = self.registry.read().entries.clone();
+        let mut by_tenant: HashMap<*const Tenant, u64> = HashMap::new();
+        for e in &entries {
+            let tree = e.tree.read();
+            tree.check_invariants(&*self.config.policy);
+            *by_tenant.entry(Arc::as_ptr(&e.tenant)).or_default() += tree.pinned_pages;
+        }
+        for e in &entries {
+            assert_eq!(
+                e.tenant.pinned_pages.load(Ordering::Relaxed),
+                by_tenant[&Arc::as_ptr(&e.tenant)],
+                "tenant pinned pages"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_is_send_and_sync() {
+        fn is<T: Send + Sync>() {}
+        is::<RadixIndex>();
+    }
+}

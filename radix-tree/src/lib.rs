@@ -1,0 +1,78 @@
+//! radixkv's index: a compressed radix tree over token ids with page-granular
+//! edges that maps prompt prefixes to the KV blocks holding them, on each tier
+//! (device, host, disk), and decides what to evict.
+//!
+//! This crate does no I/O and never sees a block's bytes: blocks are opaque
+//! [`BlockId`]s that the tiers hand in and get back.
+//!
+//! # Model
+//! - A [`NamespaceKey`] (tenant, model, layout, adapter) names a namespace;
+//!   each has its own root and a fixed page size. Only whole pages are
+//!   matched and stored.
+//! - Every page is named by a chained 128-bit [`PageHash`] (see [`hash`]).
+//! - A page may have a copy on several tiers; a page with no copy left leaves
+//!   the tree, together with every page after it.
+//! - Leases pin a matched prefix for a TTL: a hard lease ([`PinKind::Lease`])
+//!   is never evicted; a soft pin ([`PinKind::Session`]) ranks above every
+//!   unpinned page but can be evicted under real pressure.
+//! - Eviction takes, per tier, the lowest-ranked node that holds a copy on
+//!   that tier while no descendant does, page by page from its tail. The
+//!   ranking comes from an [`EvictionPolicy`].
+//!
+//! # Concurrency
+//! [`RadixIndex`] is shared by reference across threads. Each namespace has
+//! its own reader-writer lock: lookups take it shared (they record accesses
+//! in atomics), inserts, evictions and pins take it exclusive. Eviction
+//! across namespaces locks one namespace at a time. The namespace registry
+//! has its own lock, taken exclusively only to create a namespace. All locks
+//! and atomics come from the `sync` module, so a model checker can swap them.
+
+mod clock;
+mod error;
+mod events;
+pub mod hash;
+mod index;
+mod namespace;
+pub mod policy;
+mod sync;
+mod tier;
+mod tree;
+
+pub use clock::{Clock, ManualClock, MonotonicClock};
+pub use error::{IndexError, Result};
+pub use events::{EventSink, IndexEvent};
+pub use hash::PageHash;
+pub use index::{IndexConfig, IndexConfigBuilder, IndexStats, RadixIndex};
+pub use namespace::{NamespaceConfig, NamespaceId, NamespaceKey};
+pub use policy::EvictionPolicy;
+pub use tier::{BlockId, PageLocation, Tier, TIERS};
+pub use tree::{EvictedPage, InsertOutcome, Match};
+
+/// Largest page size a namespace may use, in tokens.
+pub const MAX_PAGE_SIZE: usize = 256;
+
+/// How a lease holds its pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PinKind {
+    /// A reader is using the blocks: never evicted until released or expired.
+    Lease,
+    /// An agent session between turns: ranked above unpinned pages (higher
+    /// priority above lower) until its TTL passes, but evictable when
+    /// nothing else is left.
+    Session { priority: u8 },
+}
+
+/// A lease handed out by [`RadixIndex::pin`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LeaseId {
+    pub ns: NamespaceId,
+    pub seq: u64,
+}
+
+/// A granted lease: its id and how many whole pages it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub id: LeaseId,
+    pub pages: usize,
+    pub expires_ms: u64,
+}

@@ -1,0 +1,263 @@
+//! Eviction order. The tree keeps, per tier, an ordered set of the nodes it
+//! may evict from (leaves for that tier); a policy only says how to rank a
+//! node, from statistics that the tree keeps for it.
+//!
+//! Rules every policy must follow, because the tree re-ranks lazily:
+//! - `key` must never decrease between two accesses of a node (an access may
+//!   only move a node later in the eviction order), and
+//! - `key` must stay below `2^KEY_BITS`; the tree puts the pin class above it.
+
+use crate::hash::PageHash;
+use crate::sync::{AtomicU32, AtomicU64, Ordering};
+use std::fmt;
+
+/// Bits a policy key may use.
+pub const KEY_BITS: u32 = 52;
+/// Largest key a policy may return.
+pub const KEY_MAX: u64 = (1 << KEY_BITS) - 1;
+
+/// Access statistics of one node (all of its pages share them). Atomics,
+/// because lookups record accesses under a shared lock.
+#[derive(Debug, Default)]
+pub struct NodeStats {
+    last_access: AtomicU64,
+    hits: AtomicU32,
+    aux: AtomicU64,
+    created: AtomicU64,
+}
+
+impl NodeStats {
+    pub(crate) fn new(tick: u64) -> Self {
+        Self {
+            last_access: AtomicU64::new(tick),
+            hits: AtomicU32::new(0),
+            aux: AtomicU64::new(0),
+            created: AtomicU64::new(tick),
+        }
+    }
+
+    pub(crate) fn copy_from(other: &NodeStats) -> Self {
+        Self {
+            last_access: AtomicU64::new(other.last_access()),
+            hits: AtomicU32::new(other.hits()),
+            aux: AtomicU64::new(other.aux()),
+            created: AtomicU64::new(other.created()),
+        }
+    }
+
+    /// Logical time (the index's access counter) of the last access.
+    pub fn last_access(&self) -> u64 {
+        self.last_access.load(Ordering::Relaxed)
+    }
+
+    /// Lookups that matched all of this node's pages.
+    pub fn hits(&self) -> u32 {
+        self.hits.load(Ordering::Relaxed)
+    }
+
+    /// Logical time the node's pages were first inserted.
+    pub fn created(&self) -> u64 {
+        self.created.load(Ordering::Relaxed)
+    }
+
+    /// A policy's own per-node word.
+    pub fn aux(&self) -> u64 {
+        self.aux.load(Ordering::Relaxed)
+    }
+
+    pub fn set_aux(&self, v: u64) {
+        self.aux.store(v, Ordering::Relaxed);
+    }
+
+    pub(crate) fn record(&self, access: Access) {
+        self.last_access.fetch_max(access.tick, Ordering::Relaxed);
+        if access.kind == AccessKind::Hit {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// What the tree knows about a node's place, for policies that weigh it.
+#[derive(Debug, Clone, Copy)]
+pub struct NodeInfo {
+    /// Pages before this node's first page (how deep in the prompt it starts).
+    pub depth_pages: u32,
+    /// Pages in this node.
+    pub pages: u32,
+    pub page_size: u32,
+    /// Priority given at insert (0 = normal).
+    pub priority: u8,
+    /// Hash of the node's last page: the one an eviction takes first.
+    pub last_page: PageHash,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessKind {
+    /// The pages were (re)inserted.
+    Insert,
+    /// A lookup matched all of the node's pages.
+    Hit,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Access {
+    pub tick: u64,
+    pub kind: AccessKind,
+}
+
+/// Ranks nodes for eviction; smaller keys go first.
+pub trait EvictionPolicy: Send + Sync + fmt::Debug {
+    fn name(&self) -> &str;
+
+    /// Called after the tree recorded an access in `stats` (last access, hits).
+    fn on_access(&self, _stats: &NodeStats, _node: &NodeInfo, _access: Access) {}
+
+    /// The node's rank; see the module rules.
+    fn key(&self, stats: &NodeStats, node: &NodeInfo) -> u64;
+
+    /// Called with the key of each evicted page.
+    fn on_evict(&self, _key: u64) {}
+}
+
+fn clamp(key: u64) -> u64 {
+    key.min(KEY_MAX)
+}
+
+/// Least recently used.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Lru;
+
+impl EvictionPolicy for Lru {
+    fn name(&self) -> &str {
+        "lru"
+    }
+    fn key(&self, stats: &NodeStats, _: &NodeInfo) -> u64 {
+        clamp(stats.last_access())
+    }
+}
+
+/// Least frequently used, ties broken by recency.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Lfu;
+
+const RECENCY_BITS: u32 = 40;
+const RECENCY_MASK: u64 = (1 << RECENCY_BITS) - 1;
+
+impl EvictionPolicy for Lfu {
+    fn name(&self) -> &str {
+        "lfu"
+    }
+    fn key(&self, stats: &NodeStats, _: &NodeInfo) -> u64 {
+        let freq = u64::from(stats.hits()).min((1 << (KEY_BITS - RECENCY_BITS)) - 1);
+        (freq << RECENCY_BITS) | (stats.last_access() & RECENCY_MASK)
+    }
+}
+
+/// Segmented LRU: pages hit at least twice sit in a protected segment that
+/// is evicted after the probation segment, but a protected page that stays
+/// untouched for longer than the probation horizon falls back: it ranks as
+/// if it had been used `horizon` accesses later than it was. The horizon is
+/// the age of the last evicted probation page, so it follows the cache size.
+#[derive(Debug, Default)]
+pub struct Slru {
+    horizon: AtomicU64,
+}
+
+impl EvictionPolicy for Slru {
+    fn name(&self) -> &str {
+        "slru"
+    }
+    fn on_access(&self, stats: &NodeStats, _: &NodeInfo, access: Access) {
+        if stats.hits() >= 2 {
+            stats.set_aux(access.tick + self.horizon.load(Ordering::Relaxed));
+        } else {
+            stats.set_aux(access.tick);
+        }
+    }
+    fn key(&self, stats: &NodeStats, _: &NodeInfo) -> u64 {
+        clamp(stats.aux().max(stats.last_access()))
+    }
+    fn on_evict(&self, _key: u64) {}
+}
+
+/// LRU within priority classes: a node inserted with a higher priority
+/// outlives every lower-priority node. Agent sessions use soft pins, which
+/// rank above all classes until their TTL passes.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PriorityLru;
+
+impl EvictionPolicy for PriorityLru {
+    fn name(&self) -> &str {
+        "priority"
+    }
+    fn key(&self, stats: &NodeStats, node: &NodeInfo) -> u64 {
+        (u64::from(node.priority) << (KEY_BITS - 8)) | (stats.last_access() & ((1 << (KEY_BITS - 8)) - 1))
+    }
+}
+
+/// Cost-aware (GreedyDual-Size-Frequency): a node's value is
+/// `L + hits × recompute_cost / bytes`, where the recompute cost of a page
+/// grows with its depth (attention over everything before it) and `L`
+/// rises to the value of each evicted page, so old values age out.
+#[derive(Debug)]
+pub struct CostAware {
+    /// Depth (tokens) at which attention costs as much as the rest of a
+    /// token's forward pass; deeper pages cost proportionally more.
+    pub attention_crossover_tokens: u32,
+    inflation: AtomicU64,
+}
+
+impl Default for CostAware {
+    fn default() -> Self {
+        Self::new(4096)
+    }
+}
+
+impl CostAware {
+    pub fn new(attention_crossover_tokens: u32) -> Self {
+        Self {
+            attention_crossover_tokens: attention_crossover_tokens.max(1),
+            inflation: AtomicU64::new(0),
+        }
+    }
+
+    /// Recompute cost of the node's last page, in units of 1/1024 of a
+    /// shallow page, per page held (all pages of a namespace are equal size).
+    fn cost(&self, node: &NodeInfo) -> u64 {
+        let depth_tokens = u64::from(node.depth_pages + node.pages) * u64::from(node.page_size);
+        1024 + depth_tokens * 1024 / u64::from(self.attention_crossover_tokens)
+    }
+}
+
+impl EvictionPolicy for CostAware {
+    fn name(&self) -> &str {
+        "cost"
+    }
+    fn on_access(&self, stats: &NodeStats, node: &NodeInfo, _: Access) {
+        let value = self.inflation.load(Ordering::Relaxed)
+            + u64::from(stats.hits().max(1)) * self.cost(node);
+        stats.set_aux(value.max(stats.aux()));
+    }
+    fn key(&self, stats: &NodeStats, _: &NodeInfo) -> u64 {
+        clamp(stats.aux())
+    }
+    fn on_evict(&self, key: u64) {
+        self.inflation.fetch_max(key & KEY_MAX, Ordering::Relaxed);
+    }
+}
+
+/// The policies by name, for configuration files and the bench.
+pub fn by_name(name: &str) -> Option<std::sync::Arc<dyn EvictionPolicy>> {
+    use std::sync::Arc;
+    Some(match name {
+        "lru" => Arc::new(Lru),
+        "lfu" => Arc::new(Lfu),
+        "slru" => Arc::new(Slru::default()),
+        "priority" => Arc::new(PriorityLru),
+        "cost" => Arc::new(CostAware::default()),
+        _ => return None,
+    })
+}
+
+/// Names accepted by [`by_name`].
+pub const POLICY_NAMES: &[&str] = &["lru", "lfu", "slru", "priority", "cost"];

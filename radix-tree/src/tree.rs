@@ -1,0 +1,1096 @@
+//! One namespace's radix tree: an arena of nodes whose edges are runs of
+//! whole pages, per-tier eviction sets, and the namespace's leases.
+//!
+//! Invariants (checked by `check_invariants` in tests):
+//! - every page in the tree has at least one copy, and its parent page too
+//!   (the tree is prefix-closed);
+//! - a node's `tier_pages[t]` counts its pages with a copy on `t`, and
+//!   `tier_children[t]` counts children whose subtree holds a copy on `t`;
+//! - a node is in `sets[t]` exactly when it is alive, not the root, holds a
+//!   copy on `t`, no descendant does, and no hard lease covers it;
+//! - a lease adds one to the pin count of every node from its target to the
+//!   root (exclusive), so a pinned node's ancestors are pinned too.
+
+use crate::error::{IndexError, Result};
+use crate::events::IndexEvent;
+use crate::hash::{edge_key, PageHash, PassThroughBuild};
+use crate::policy::{Access, AccessKind, EvictionPolicy, NodeInfo, NodeStats, KEY_BITS, KEY_MAX};
+use crate::{BlockId, LeaseId, NamespaceId, PageLocation, PinKind, Tier, TIERS};
+use std::collections::{BTreeSet, HashMap};
+
+pub(crate) const ROOT: u32 = 0;
+const NOT_IN_SET: u64 = u64::MAX;
+
+#[derive(Debug)]
+pub(crate) struct Node {
+    parent: u32,
+    alive: bool,
+    depth_pages: u32,
+    tokens: Vec<u32>,
+    hashes: Vec<PageHash>,
+    locs: Vec<PageLocation>,
+    /// Sorted by edge key (the first page's key); equal keys are possible.
+    children: Vec<(u64, u32)>,
+    stats: NodeStats,
+    priority: u8,
+    hard_pins: u32,
+    soft_pins: u32,
+    soft_priority: u8,
+    tier_pages: [u32; TIERS],
+    tier_children: [u32; TIERS],
+    set_key: [u64; TIERS],
+}
+
+impl Node {
+    fn new(parent: u32, depth_pages: u32, tick: u64) -> Self {
+        Self {
+            parent,
+            alive: true,
+            depth_pages,
+            tokens: Vec::new(),
+            hashes: Vec::new(),
+            locs: Vec::new(),
+            children: Vec::new(),
+            stats: NodeStats::new(tick),
+            priority: 0,
+            hard_pins: 0,
+            soft_pins: 0,
+            soft_priority: 0,
+            tier_pages: [0; TIERS],
+            tier_children: [0; TIERS],
+            set_key: [NOT_IN_SET; TIERS],
+        }
+    }
+
+    fn pages(&self) -> usize {
+        self.hashes.len()
+    }
+
+    fn has_subtree_copy(&self, t: usize) -> bool {
+        self.tier_pages[t] > 0 || self.tier_children[t] > 0
+    }
+
+    fn pinned(&self) -> bool {
+        self.hard_pins > 0 || self.soft_pins > 0
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.tokens.capacity() * 4
+            + self.hashes.capacity() * std::mem::size_of::<PageHash>()
+            + self.locs.capacity() * std::mem::size_of::<PageLocation>()
+            + self.children.capacity() * std::mem::size_of::<(u64, u32)>()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct LeaseRecord {
+    target: u32,
+    kind: PinKind,
+    expires_ms: u64,
+    pages: usize,
+}
+
+/// The answer to a lookup.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Match {
+    /// Whole pages matched from the start of the prompt.
+    pub pages: usize,
+    pub page_size: usize,
+    /// Where each matched page's copies are.
+    pub locations: Vec<PageLocation>,
+    /// Matched pages with a copy on each tier.
+    pub tier_pages: [usize; TIERS],
+    /// Hash of the last matched page.
+    pub last_page: Option<PageHash>,
+}
+
+impl Match {
+    pub fn tokens(&self) -> usize {
+        self.pages * self.page_size
+    }
+
+    /// Leading pages that all have a copy on `tier`.
+    pub fn tier_prefix(&self, tier: Tier) -> usize {
+        self.locations.iter().take_while(|l| l.has(tier)).count()
+    }
+
+    pub(crate) fn reset(&mut self, page_size: usize) {
+        self.pages = 0;
+        self.page_size = page_size;
+        self.locations.clear();
+        self.tier_pages = [0; TIERS];
+        self.last_page = None;
+    }
+}
+
+/// What an insert did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InsertOutcome {
+    /// Leading pages that were already in the tree before this insert.
+    pub cached_pages: usize,
+    /// Pages added to the tree.
+    pub new_pages: usize,
+    /// Caller blocks the index did not take because the page already had a
+    /// copy on that tier: the caller frees them.
+    pub rejected: Vec<BlockId>,
+}
+
+/// One page copy (or several) that left the index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EvictedPage {
+    pub ns: NamespaceId,
+    pub hash: PageHash,
+    /// The copies dropped from the index: the caller frees (or demotes) them.
+    pub dropped: PageLocation,
+    /// The copies still indexed. Empty when the page left the tree.
+    pub remaining: PageLocation,
+}
+
+impl EvictedPage {
+    pub fn page_removed(&self) -> bool {
+        self.remaining.is_empty()
+    }
+}
+
+pub(crate) struct Tree {
+    ns: NamespaceId,
+    page_size: usize,
+    seed: PageHash,
+    nodes: Vec<Node>,
+    free: Vec<u32>,
+    by_hash: HashMap<u64, u32, PassThroughBuild>,
+    sets: [BTreeSet<(u64, u32)>; TIERS],
+    leases: HashMap<u64, LeaseRecord>,
+    lease_expiry: BTreeSet<(u64, u64)>,
+    soft_targets: HashMap<u32, Vec<u64>>,
+    next_lease: u64,
+    pub(crate) pages: u64,
+    pub(crate) tier_pages: [u64; TIERS],
+    pub(crate) pinned_pages: u64,
+    pub(crate) live_nodes: u64,
+}
+
+impl std::fmt::Debug for Tree {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tree")
+            .field("ns", &self.ns)
+            .field("page_size", &self.page_size)
+            .field("pages", &self.pages)
+            .field("nodes", &self.live_nodes)
+            .finish()
+    }
+}
+
+/// Per-operation context handed down from the index.
+pub(crate) struct OpCtx<'a> {
+    pub policy: &'a dyn EvictionPolicy,
+    pub tick: u64,
+    pub events: Option<&'a mut Vec<IndexEvent>>,
+}
+
+impl OpCtx<'_> {
+    fn emit(&mut self, ev: IndexEvent) {
+        if let Some(events) = self.events.as_deref_mut() {
+            events.push(ev);
+        }
+    }
+}
+
+impl Tree {
+    pub(crate) fn new(ns: NamespaceId, page_size: usize, seed: PageHash) -> Self {
+        Self {
+            ns,
+            page_size,
+            seed,
+            nodes: vec![Node::new(ROOT, 0, 0)],
+            free: Vec::new(),
+            by_hash: HashMap::default(),
+            sets: Default::default(),
+            leases: HashMap::new(),
+            lease_expiry: BTreeSet::new(),
+            soft_targets: HashMap::new(),
+            next_lease: 1,
+            pages: 0,
+            tier_pages: [0; TIERS],
+            pinned_pages: 0,
+            live_nodes: 0,
+        }
+    }
+
+    pub(crate) fn page_size(&self) -> usize {
+        self.page_size
+    }
+
+    // ---- lookups ---------------------------------------------------------
+
+    fn find_child(&self, node: u32, page: &[u32]) -> Option<u32> {
+        let key = edge_key(page);
+        let children = &self.nodes[node as usize].children;
+        let start = children.partition_point(|(k, _)| *k < key);
+        children[start..]
+            .iter()
+            .take_while(|(k, _)| *k == key)
+            .map(|&(_, c)| c)
+            .find(|&c| &self.nodes[c as usize].tokens[..self.page_size] == page)
+    }
+
+    /// Whole pages in common between an edge and the rest of a prompt,
+    /// given that their first pages are equal.
+    fn common_pages(&self, edge: &[u32], rest: &[u32]) -> usize {
+        let ps = self.page_size;
+        let max = edge.len().min(rest.len()) / ps;
+        let mut p = 1;
+        while p < max && edge[p * ps..(p + 1) * ps] == rest[p * ps..(p + 1) * ps] {
+            p += 1;
+        }
+        p
+    }
+
+    fn info(&self, n: u32) -> NodeInfo {
+        let node = &self.nodes[n as usize];
+        NodeInfo {
+            depth_pages: node.depth_pages,
+            pages: node.pages() as u32,
+            page_size: self.page_size as u32,
+            priority: node.priority,
+            last_page: node.hashes.last().copied().unwrap_or(self.seed),
+        }
+    }
+
+    fn touch(&self, n: u32, policy: &dyn EvictionPolicy, access: Access) {
+        let node = &self.nodes[n as usize];
+        node.stats.record(access);
+        policy.on_access(&node.stats, &self.info(n), access);
+    }
+
+    /// Walks the prompt; calls `visit(node, matched_pages_of_node, full)` for
+    /// each node it matches. Returns the deepest node touched (or ROOT).
+    fn walk(&self, tokens: &[u32], mut visit: impl FnMut(u32, usize, bool)) -> u32 {
+        let ps = self.page_size;
+        let usable = tokens.len() / ps * ps;
+        let mut node = ROOT;
+        let mut pos = 0;
+        while pos < usable {
+            let Some(child) = self.find_child(node, &tokens[pos..pos + ps]) else {
+                break;
+            };
+            let edge = &self.nodes[child as usize].tokens;
+            let n = self.common_pages(edge, &tokens[pos..usable]);
+            let full = n == self.nodes[child as usize].pages();
+            visit(child, n, full);
+            node = child;
+            if !full {
+                break;
+            }
+            pos += n * ps;
+        }
+        node
+    }
+
+    /// Fills `out` with the longest cached prefix of `tokens`. Records a hit
+    /// on every node matched in full (not on a node matched in part: its
+    /// tail was not used).
+    pub(crate) fn match_into(&self, tokens: &[u32], policy: &dyn EvictionPolicy, tick: u64, out: &mut Match) {
+        out.reset(self.page_size);
+        let access = Access {
+            tick,
+            kind: AccessKind::Hit,
+        };
+        self.walk(tokens, |n, count, full| {
+            let node = &self.nodes[n as usize];
+            for loc in &node.locs[..count] {
+                for t in 0..TIERS {
+                    out.tier_pages[t] += usize::from(loc.has(Tier::ALL[t]));
+                }
+            }
+            out.locations.extend_from_slice(&node.locs[..count]);
+            out.pages += count;
+            out.last_page = Some(node.hashes[count - 1]);
+            if full {
+                self.touch(n, policy, access);
+            }
+        });
+    }
+
+    /// Pages of the longest cached prefix, without touching anything.
+    pub(crate) fn match_len(&self, tokens: &[u32]) -> usize {
+        let mut pages = 0;
+        self.walk(tokens, |_, count, _| pages += count);
+        pages
+    }
+
+    pub(crate) fn page_hashes(&self, tokens: &[u32]) -> Vec<PageHash> {
+        let mut parent = self.seed;
+        tokens
+            .chunks_exact(self.page_size)
+            .map(|page| {
+                parent = parent.chain(page);
+                parent
+            })
+            .collect()
+    }
+
+    fn locate(&self, hash: PageHash) -> Option<(u32, usize)> {
+        let &n = self.by_hash.get(&hash.short())?;
+        let off = self.nodes[n as usize].hashes.iter().position(|h| *h == hash)?;
+        Some((n, off))
+    }
+
+    pub(crate) fn location_of(&self, hash: PageHash) -> Option<PageLocation> {
+        self.locate(hash).map(|(n, off)| self.nodes[n as usize].locs[off])
+    }
+
+    /// The parent page of a page: `None` for a namespace's first page.
+    fn parent_hash(&self, n: u32, off: usize) -> Option<PageHash> {
+        if off > 0 {
+            return Some(self.nodes[n as usize].hashes[off - 1]);
+        }
+        let p = self.nodes[n as usize].parent;
+        self.nodes[p as usize].hashes.last().copied()
+    }
+
+    // ---- allocation and eviction sets -----------------------------------
+
+    fn alloc(&mut self, node: Node) -> u32 {
+        self.live_nodes += 1;
+        if let Some(i) = self.free.pop() {
+            self.nodes[i as usize] = node;
+            i
+        } else {
+            self.nodes.push(node);
+            (self.nodes.len() - 1) as u32
+        }
+    }
+
+    fn full_key(&self, n: u32, policy: &dyn EvictionPolicy) -> u64 {
+        let node = &self.nodes[n as usize];
+        let class = if node.soft_pins > 0 {
+            1 + u64::from(node.soft_priority)
+        } else {
+            0
+        };
+        (class << KEY_BITS) | (policy.key(&node.stats, &self.info(n)) & KEY_MAX)
+    }
+
+    fn should_be_in_set(&self, n: u32, t: usize) -> bool {
+        let node = &self.nodes[n as usize];
+        n != ROOT && node.alive && node.tier_pages[t] > 0 && node.tier_children[t] == 0 && node.hard_pins == 0
+    }
+
+    /// Puts `n` into or out of tier `t`'s eviction set as its state says.
+    fn refresh(&mut self, n: u32, t: usize, policy: &dyn EvictionPolicy) {
+        let want = self.should_be_in_set(n, t);
+        let have = self.nodes[n as usize].set_key[t];
+        if want && have == NOT_IN_SET {
+            let key = self.full_key(n, policy);
+            self.sets[t].insert((key, n));
+            self.nodes[n as usize].set_key[t] = key;
+        } else if !want && have != NOT_IN_SET {
+            self.sets[t].remove(&(have, n));
+            self.nodes[n as usize].set_key[t] = NOT_IN_SET;
+        }
+    }
+
+    /// Re-ranks `n` in every set it is in (its pin class changed).
+    fn rekey(&mut self, n: u32, policy: &dyn EvictionPolicy) {
+        for t in 0..TIERS {
+            let have = self.nodes[n as usize].set_key[t];
+            if have != NOT_IN_SET {
+                self.sets[t].remove(&(have, n));
+                let key = self.full_key(n, policy);
+                self.sets[t].insert((key, n));
+                self.nodes[n as usize].set_key[t] = key;
+            }
+        }
+    }
+
+    fn presence(&self, n: u32) -> [bool; TIERS] {
+        let node = &self.nodes[n as usize];
+        std::array::from_fn(|t| node.has_subtree_copy(t))
+    }
+
+    /// After `n`'s own copies or children changed: fixes set membership of
+    /// `n` and, while subtree presence flips, of its ancestors.
+    fn propagate(&mut self, mut n: u32, before: [bool; TIERS], policy: &dyn EvictionPolicy) {
+        let mut before = before;
+        loop {
+            let after = self.presence(n);
+            for t in 0..TIERS {
+                self.refresh(n, t, policy);
+            }
+            if n == ROOT || before == after {
+                return;
+            }
+            let p = self.nodes[n as usize].parent;
+            let parent_before = self.presence(p);
+            for t in 0..TIERS {
+                match (before[t], after[t]) {
+                    (false, true) => self.nodes[p as usize].tier_children[t] += 1,
+                    (true, false) => self.nodes[p as usize].tier_children[t] -= 1,
+                    _ => {}
+                }
+            }
+            before = parent_before;
+            n = p;
+        }
+    }
+
+    /// The lowest-ranked node of tier `t`'s set, re-ranking stale entries
+    /// (nodes accessed since they were ranked) on the way.
+    fn min_victim(&mut self, t: usize, policy: &dyn EvictionPolicy) -> Option<(u64, u32)> {
+        loop {
+            let &(key, n) = self.sets[t].first()?;
+            let current = self.full_key(n, policy);
+            if current <= key {
+                return Some((key, n));
+            }
+            self.sets[t].pop_first();
+            self.sets[t].insert((current, n));
+            self.nodes[n as usize].set_key[t] = current;
+        }
+    }
+
+    pub(crate) fn min_key(&mut self, tier: Tier, policy: &dyn EvictionPolicy) -> Option<u64> {
+        self.min_victim(tier.index(), policy).map(|(k, _)| k)
+    }
+
+    // ---- insert -----------------------------------------------------------
+
+    /// Splits `n` after `at` pages: a new node takes the head and sits
+    /// between `n` and its parent, so leases that target `n` stay valid.
+    fn split(&mut self, n: u32, at: usize, policy: &dyn EvictionPolicy) -> u32 {
+        let ps = self.page_size;
+        let old = &mut self.nodes[n as usize];
+        debug_assert!(at > 0 && at < old.pages());
+        let mut head = Node::new(old.parent, old.depth_pages, 0);
+        head.stats = NodeStats::copy_from(&old.stats);
+        head.priority = old.priority;
+        head.hard_pins = old.hard_pins;
+        head.soft_pins = old.soft_pins;
+        head.soft_priority = old.soft_priority;
+        head.tokens = old.tokens[..at * ps].to_vec();
+        head.hashes = old.hashes[..at].to_vec();
+        head.locs = old.locs[..at].to_vec();
+        old.tokens.drain(..at * ps);
+        old.tokens.shrink_to_fit();
+        old.hashes.drain(..at);
+        old.hashes.shrink_to_fit();
+        old.locs.drain(..at);
+        old.locs.shrink_to_fit();
+        old.depth_pages += at as u32;
+        for t in 0..TIERS {
+            let moved = head.locs.iter().filter(|l| l.has(Tier::ALL[t])).count() as u32;
+            head.tier_pages[t] = moved;
+            old.tier_pages[t] -= moved;
+        }
+        let parent = old.parent;
+        let tail_key = edge_key(&old.tokens[..ps]);
+        let tail_presence: [bool; TIERS] = std::array::from_fn(|t| old.has_subtree_copy(t));
+        for t in 0..TIERS {
+            head.tier_children[t] = u32::from(tail_presence[t]);
+        }
+        let head_hashes = head.hashes.clone();
+        let h = self.alloc(head);
+        self.nodes[h as usize].children.push((tail_key, n));
+        self.nodes[n as usize].parent = h;
+        for slot in self.nodes[parent as usize].children.iter_mut() {
+            if slot.1 == n {
+                slot.1 = h;
+            }
+        }
+        for hash in head_hashes {
+            if let Some(v) = self.by_hash.get_mut(&hash.short()) {
+                if *v == n {
+                    *v = h;
+                }
+            }
+        }
+        for t in 0..TIERS {
+            self.refresh(n, t, policy);
+            self.refresh(h, t, policy);
+        }
+        h
+    }
+
+    fn add_child(&mut self, parent: u32, child: u32) {
+        let key = edge_key(&self.nodes[child as usize].tokens[..self.page_size]);
+        let children = &mut self.nodes[parent as usize].children;
+        let at = children.partition_point(|(k, _)| *k <= key);
+        children.insert(at, (key, child));
+    }
+
+    pub(crate) fn insert(
+        &mut self,
+        tokens: &[u32],
+        tier: Tier,
+        blocks: &[BlockId],
+        priority: u8,
+        ctx: &mut OpCtx<'_>,
+    ) -> InsertOutcome {
+        let ps = self.page_size;
+        let total = tokens.len() / ps;
+        let t = tier.index();
+        let mut out = InsertOutcome::default();
+        let access = Access {
+            tick: ctx.tick,
+            kind: AccessKind::Insert,
+        };
+        let mut node = ROOT;
+        let mut page = 0;
+        while page < total {
+            let rest = &tokens[page * ps..total * ps];
+            let Some(mut child) = self.find_child(node, &rest[..ps]) else {
+                break;
+            };
+            let n = self.common_pages(&self.nodes[child as usize].tokens, rest);
+            if n < self.nodes[child as usize].pages() {
+                child = self.split(child, n, ctx.policy);
+            }
+            let before = self.presence(child);
+            for off in 0..n {
+                let block = blocks[page + off];
+                let loc = &mut self.nodes[child as usize].locs[off];
+                if loc.has(tier) {
+                    out.rejected.push(block);
+                    continue;
+                }
+                loc.set(tier, Some(block));
+                self.nodes[child as usize].tier_pages[t] += 1;
+                self.tier_pages[t] += 1;
+                let hash = self.nodes[child as usize].hashes[off];
+                let parent = self.parent_hash(child, off);
+                ctx.emit(IndexEvent::Stored {
+                    ns: self.ns,
+                    hash,
+                    parent,
+                    tier,
+                });
+            }
+            self.nodes[child as usize].priority = self.nodes[child as usize].priority.max(priority);
+            self.propagate(child, before, ctx.policy);
+            self.touch(child, ctx.policy, access);
+            node = child;
+            page += n;
+        }
+        out.cached_pages = page;
+        if page < total {
+            out.new_pages = total - page;
+            self.append_new(node, &tokens[page * ps..total * ps], &blocks[page..total], tier, priority, ctx);
+        }
+        out
+    }
+
+    /// Adds a new leaf under `parent` holding `tokens` (whole pages).
+    fn append_new(
+        &mut self,
+        parent: u32,
+        tokens: &[u32],
+        blocks: &[BlockId],
+        tier: Tier,
+        priority: u8,
+        ctx: &mut OpCtx<'_>,
+    ) {
+        let ps = self.page_size;
+        let pages = tokens.len() / ps;
+        let t = tier.index();
+        let parent_node = &self.nodes[parent as usize];
+        let depth = parent_node.depth_pages + parent_node.pages() as u32;
+        let mut prev = parent_node.hashes.last().copied().unwrap_or(self.seed);
+        let parent_before = self.presence(parent);
+        let mut node = Node::new(parent, depth, ctx.tick);
+        node.priority = priority;
+        node.tokens = tokens.to_vec();
+        node.hashes = Vec::with_capacity(pages);
+        node.locs = Vec::with_capacity(pages);
+        let first_parent = (parent != ROOT).then_some(prev);
+        for (i, page) in tokens.chunks_exact(ps).enumerate() {
+            prev = prev.chain(page);
+            node.hashes.push(prev);
+            let mut loc = PageLocation::EMPTY;
+            loc.set(tier, Some(blocks[i]));
+            node.locs.push(loc);
+        }
+        node.tier_pages[t] = pages as u32;
+        let n = self.alloc(node);
+        for i in 0..pages {
+            let hash = self.nodes[n as usize].hashes[i];
+            self.by_hash.entry(hash.short()).or_insert(n);
+        }
+        if ctx.events.is_some() {
+            for i in 0..pages {
+                let hash = self.nodes[n as usize].hashes[i];
+                let parent_hash = if i == 0 { first_parent } else { Some(self.nodes[n as usize].hashes[i - 1]) };
+                ctx.emit(IndexEvent::Stored {
+                    ns: self.ns,
+                    hash,
+                    parent: parent_hash,
+                    tier,
+                });
+            }
+        }
+        self.pages += pages as u64;
+        self.tier_pages[t] += pages as u64;
+        self.add_child(parent, n);
+        // The new leaf holds copies on `tier`: one more child with presence.
+        self.nodes[parent as usize].tier_children[t] += 1;
+        let access = Access {
+            tick: ctx.tick,
+            kind: AccessKind::Insert,
+        };
+        self.touch(n, ctx.policy, access);
+        self.refresh(n, t, ctx.policy);
+        self.propagate(parent, parent_before, ctx.policy);
+    }
+
+    // ---- locations ----------------------------------------------------------
+
+    pub(crate) fn add_location(&mut self, hash: PageHash, tier: Tier, block: BlockId, ctx: &mut OpCtx<'_>) -> Result<()> {
+        let (n, off) = self.locate(hash).ok_or(IndexError::UnknownPage(hash))?;
+        let t = tier.index();
+        if self.nodes[n as usize].locs[off].has(tier) {
+            return Err(IndexError::AlreadyPresent);
+        }
+        let before = self.presence(n);
+        self.nodes[n as usize].locs[off].set(tier, Some(block));
+        self.nodes[n as usize].tier_pages[t] += 1;
+        self.tier_pages[t] += 1;
+        let parent = self.parent_hash(n, off);
+        ctx.emit(IndexEvent::Stored {
+            ns: self.ns,
+            hash,
+            parent,
+            tier,
+        });
+        self.propagate(n, before, ctx.policy);
+        Ok(())
+    }
+
+    /// Drops one copy of a page. If it was the last copy, the page and every
+    /// page after it leave the tree (they are no longer reachable).
+    pub(crate) fn drop_location(
+        &mut self,
+        hash: PageHash,
+        tier: Tier,
+        ctx: &mut OpCtx<'_>,
+        out: &mut Vec<EvictedPage>,
+    ) -> Result<()> {
+        let (n, off) = self.locate(hash).ok_or(IndexError::UnknownPage(hash))?;
+        if !self.nodes[n as usize].locs[off].has(tier) {
+            return Err(IndexError::NotPresent);
+        }
+        if self.nodes[n as usize].hard_pins > 0 {
+            return Err(IndexError::Pinned);
+        }
+        self.drop_copy(n, off, tier, ctx, out);
+        Ok(())
+    }
+
+    fn drop_copy(&mut self, n: u32, off: usize, tier: Tier, ctx: &mut OpCtx<'_>, out: &mut Vec<EvictedPage>) {
+        let t = tier.index();
+        let node = &self.nodes[n as usize];
+        let loc = node.locs[off];
+        let mut remaining = loc;
+        remaining.set(tier, None);
+        if remaining.is_empty() {
+            // The last copy: the page leaves, and so does everything below it
+            // (no descendant is hard-pinned, or this node would be too).
+            debug_assert_eq!(node.hard_pins, 0);
+            self.remove_from(n, off, ctx, out);
+            return;
+        }
+        let before = self.presence(n);
+        let hash = node.hashes[off];
+        let mut dropped = PageLocation::EMPTY;
+        dropped.set(tier, loc.get(tier));
+        self.nodes[n as usize].locs[off] = remaining;
+        self.nodes[n as usize].tier_pages[t] -= 1;
+        self.tier_pages[t] -= 1;
+        ctx.emit(IndexEvent::Removed { ns: self.ns, hash, tier });
+        out.push(EvictedPage {
+            ns: self.ns,
+            hash,
+            dropped,
+            remaining,
+        });
+        self.propagate(n, before, ctx.policy);
+    }
+
+    /// Removes pages `off..` of node `n` and every descendant.
+    fn remove_from(&mut self, n: u32, off: usize, ctx: &mut OpCtx<'_>, out: &mut Vec<EvictedPage>) {
+        let before = self.presence(n);
+        let survivor = if off > 0 { n } else { self.nodes[n as usize].parent };
+        let children = std::mem::take(&mut self.nodes[n as usize].children);
+        let mut stack: Vec<u32> = children.into_iter().map(|(_, c)| c).collect();
+        while let Some(d) = stack.pop() {
+            stack.extend(self.nodes[d as usize].children.iter().map(|&(_, c)| c));
+            self.drop_pages(d, 0, ctx, out);
+            self.free_node(d, survivor);
+        }
+        self.nodes[n as usize].tier_children = [0; TIERS];
+        self.drop_pages(n, off, ctx, out);
+        if off == 0 {
+            let parent = self.nodes[n as usize].parent;
+            let parent_before = self.presence(parent);
+            self.nodes[parent as usize].children.retain(|&(_, c)| c != n);
+            for t in 0..TIERS {
+                if before[t] {
+                    self.nodes[parent as usize].tier_children[t] -= 1;
+                }
+            }
+            self.free_node(n, survivor);
+            self.propagate(parent, parent_before, ctx.policy);
+        } else {
+            self.propagate(n, before, ctx.policy);
+        }
+    }
+
+    /// Drops pages `off..` of `n` from every tier and from the hash map.
+    fn drop_pages(&mut self, n: u32, off: usize, ctx: &mut OpCtx<'_>, out: &mut Vec<EvictedPage>) {
+        let ps = self.page_size;
+        let node = &mut self.nodes[n as usize];
+        let removed = node.pages() - off;
+        for i in off..node.pages() {
+            let hash = node.hashes[i];
+            let loc = node.locs[i];
+            for (tier, _) in loc.copies() {
+                node.tier_pages[tier.index()] -= 1;
+                self.tier_pages[tier.index()] -= 1;
+                if let Some(events) = ctx.events.as_deref_mut() {
+                    events.push(IndexEvent::Removed { ns: self.ns, hash, tier });
+                }
+            }
+            if self.by_hash.get(&hash.short()) == Some(&n) {
+                self.by_hash.remove(&hash.short());
+            }
+            out.push(EvictedPage {
+                ns: self.ns,
+                hash,
+                dropped: loc,
+                remaining: PageLocation::EMPTY,
+            });
+        }
+        node.tokens.truncate(off * ps);
+        node.hashes.truncate(off);
+        node.locs.truncate(off);
+        self.pages -= removed as u64;
+        if node.pinned() {
+            self.pinned_pages -= removed as u64;
+        }
+        if off > 0 {
+            node.tokens.shrink_to_fit();
+            node.hashes.shrink_to_fit();
+            node.locs.shrink_to_fit();
+        }
+    }
+
+    /// Frees an emptied node; its soft pins move to `survivor`, which
+    /// already counts them.
+    fn free_node(&mut self, n: u32, survivor: u32) {
+        debug_assert_eq!(self.nodes[n as usize].hard_pins, 0);
+        for t in 0..TIERS {
+            let key = self.nodes[n as usize].set_key[t];
+            if key != NOT_IN_SET {
+                self.sets[t].remove(&(key, n));
+            }
+        }
+        if let Some(pins) = self.soft_targets.remove(&n) {
+            for seq in &pins {
+                if let Some(rec) = self.leases.get_mut(seq) {
+                    rec.target = survivor;
+                }
+            }
+            if survivor != ROOT {
+                self.soft_targets.entry(survivor).or_default().extend(pins);
+            }
+        }
+        let node = &mut self.nodes[n as usize];
+        *node = Node::new(ROOT, 0, 0);
+        node.alive = false;
+        self.free.push(n);
+        self.live_nodes -= 1;
+    }
+
+    // ---- eviction -------------------------------------------------------------
+
+    /// Evicts up to `pages` copies from `tier`, lowest rank first, stopping
+    /// early once the lowest rank exceeds `stop_above`.
+    pub(crate) fn evict(
+        &mut self,
+        tier: Tier,
+        pages: usize,
+        stop_above: u64,
+        ctx: &mut OpCtx<'_>,
+        out: &mut Vec<EvictedPage>,
+    ) -> usize {
+        let t = tier.index();
+        let mut done = 0;
+        while done < pages {
+            let Some((key, n)) = self.min_victim(t, ctx.policy) else {
+                break;
+            };
+            if key > stop_above {
+                break;
+            }
+            let node = &self.nodes[n as usize];
+            let off = node
+                .locs
+                .iter()
+                .rposition(|l| l.has(tier))
+                .expect("a node in a tier's set holds a copy on it");
+            ctx.policy.on_evict(key);
+            let before = out.len();
+            self.drop_copy(n, off, tier, ctx, out);
+            done += out[before..].iter().filter(|e| e.dropped.has(tier)).count();
+        }
+        done
+    }
+
+    // ---- leases -----------------------------------------------------------------
+
+    /// Pins the longest cached prefix of `tokens`. `admit` sees how many
+    /// pages become newly pinned and may refuse (the tenant's cap).
+    pub(crate) fn pin(
+        &mut self,
+        tokens: &[u32],
+        kind: PinKind,
+        expires_ms: u64,
+        policy: &dyn EvictionPolicy,
+        admit: impl FnOnce(u64) -> Result<()>,
+    ) -> Result<(LeaseId, usize)> {
+        let mut matched = 0;
+        let target = self.walk(tokens, |_, count, _| matched += count);
+        if target == ROOT {
+            return Err(IndexError::NotCached);
+        }
+        let mut newly = 0u64;
+        let mut n = target;
+        while n != ROOT {
+            let node = &self.nodes[n as usize];
+            if !node.pinned() {
+                newly += node.pages() as u64;
+            }
+            n = node.parent;
+        }
+        admit(newly)?;
+        self.apply_pin(target, kind, 1, policy);
+        let seq = self.next_lease;
+        self.next_lease += 1;
+        self.leases.insert(
+            seq,
+            LeaseRecord {
+                target,
+                kind,
+                expires_ms,
+                pages: matched,
+            },
+        );
+        self.lease_expiry.insert((expires_ms, seq));
+        if matches!(kind, PinKind::Session { .. }) {
+            self.soft_targets.entry(target).or_default().push(seq);
+        }
+        Ok((LeaseId { ns: self.ns, seq }, matched))
+    }
+
+    /// Adds (`delta` = 1) or removes (-1) one pin on the path target..root.
+    fn apply_pin(&mut self, target: u32, kind: PinKind, delta: i32, policy: &dyn EvictionPolicy) {
+        let mut n = target;
+        while n != ROOT {
+            let was_pinned = self.nodes[n as usize].pinned();
+            let node = &mut self.nodes[n as usize];
+            match kind {
+                PinKind::Lease => node.hard_pins = node.hard_pins.wrapping_add_signed(delta),
+                PinKind::Session { priority } => {
+                    node.soft_pins = node.soft_pins.wrapping_add_signed(delta);
+                    if delta > 0 {
+                        node.soft_priority = node.soft_priority.max(priority);
+                    } else if node.soft_pins == 0 {
+                        node.soft_priority = 0;
+                    }
+                }
+            }
+            let pages = node.pages() as u64;
+            match (was_pinned, node.pinned()) {
+                (false, true) => self.pinned_pages += pages,
+                (true, false) => self.pinned_pages -= pages,
+                _ => {}
+            }
+            match kind {
+                PinKind::Lease => {
+                    for t in 0..TIERS {
+                        self.refresh(n, t, policy);
+                    }
+                }
+                PinKind::Session { .. } => self.rekey(n, policy),
+            }
+            n = self.nodes[n as usize].parent;
+        }
+    }
+
+    pub(crate) fn lease_state(&self, seq: u64) -> Result<()> {
+        let id = LeaseId { ns: self.ns, seq };
+        if self.leases.contains_key(&seq) {
+            Ok(())
+        } else if seq < self.next_lease && seq > 0 {
+            Err(IndexError::LeaseGone(id))
+        } else {
+            Err(IndexError::UnknownLease(id))
+        }
+    }
+
+    pub(crate) fn renew(&mut self, seq: u64, expires_ms: u64) -> Result<()> {
+        self.lease_state(seq)?;
+        let rec = self.leases.get_mut(&seq).expect("checked above");
+        self.lease_expiry.remove(&(rec.expires_ms, seq));
+        rec.expires_ms = expires_ms;
+        self.lease_expiry.insert((expires_ms, seq));
+        Ok(())
+    }
+
+    pub(crate) fn release(&mut self, seq: u64, policy: &dyn EvictionPolicy) -> Result<usize> {
+        self.lease_state(seq)?;
+        let rec = self.leases.remove(&seq).expect("checked above");
+        self.lease_expiry.remove(&(rec.expires_ms, seq));
+        if matches!(rec.kind, PinKind::Session { .. }) && rec.target != ROOT {
+            if let Some(list) = self.soft_targets.get_mut(&rec.target) {
+                list.retain(|s| *s != seq);
+                if list.is_empty() {
+                    self.soft_targets.remove(&rec.target);
+                }
+            }
+        }
+        if rec.target != ROOT {
+            self.apply_pin(rec.target, rec.kind, -1, policy);
+        }
+        Ok(rec.pages)
+    }
+
+    /// Releases every lease whose TTL has passed. Returns how many.
+    pub(crate) fn reclaim_expired(&mut self, now_ms: u64, policy: &dyn EvictionPolicy) -> usize {
+        let mut released = 0;
+        while let Some(&(expires, seq)) = self.lease_expiry.first() {
+            if expires > now_ms {
+                break;
+            }
+            let _ = self.release(seq, policy);
+            released += 1;
+        }
+        released
+    }
+
+    pub(crate) fn next_expiry(&self) -> Option<u64> {
+        self.lease_expiry.first().map(|(e, _)| *e)
+    }
+
+    pub(crate) fn active_leases(&self) -> usize {
+        self.leases.len()
+    }
+
+    /// Drops every page. Fails if a hard lease is held.
+    pub(crate) fn clear(&mut self, ctx: &mut OpCtx<'_>, out: &mut Vec<EvictedPage>) -> Result<()> {
+        if self.leases.values().any(|l| l.kind == PinKind::Lease) {
+            return Err(IndexError::Pinned);
+        }
+        let seqs: Vec<u64> = self.leases.keys().copied().collect();
+        for seq in seqs {
+            let _ = self.release(seq, ctx.policy);
+        }
+        let children: Vec<u32> = self.nodes[ROOT as usize].children.iter().map(|&(_, c)| c).collect();
+        for c in children {
+            self.remove_from(c, 0, ctx, out);
+        }
+        ctx.emit(IndexEvent::Cleared { ns: self.ns });
+        Ok(())
+    }
+
+    pub(crate) fn heap_bytes(&self) -> usize {
+        let nodes: usize = self.nodes.iter().map(Node::heap_bytes).sum();
+        nodes
+            + self.nodes.capacity() * std::mem::size_of::<Node>()
+            + self.free.capacity() * 4
+            + self.by_hash.capacity() * (std::mem::size_of::<(u64, u32)>() + 1)
+            + self.sets.iter().map(|s| s.len() * 24).sum::<usize>()
+    }
+
+    // ---- invariants (tests) -------------------------------------------------------
+
+    /// Checks every structural invariant; panics with a description if one
+    /// fails. Linear in the tree's size.
+    #[cfg(any(test, feature = "test-utils"))]
+    pub(crate) fn check_invariants(&self, policy: &dyn EvictionPolicy) {
+        let ps = self.page_size;
+        let mut seen_nodes = 0u64;
+        let mut seen_pages = 0u64;
+        let mut tier_pages = [0u64; TIERS];
+        let mut pinned = 0u64;
+        let mut stack = vec![(ROOT, self.seed)];
+        while let Some((n, parent_hash)) = stack.pop() {
+            let node = &self.nodes[n as usize];
+            assert!(node.alive || n == ROOT, "reachable node {n} is dead");
+            if n != ROOT {
+                seen_nodes += 1;
+                assert!(node.pages() > 0, "empty node {n}");
+                assert_eq!(node.tokens.len(), node.pages() * ps);
+                assert_eq!(node.locs.len(), node.pages());
+                let parent = &self.nodes[node.parent as usize];
+                assert!(parent.children.iter().any(|&(_, c)| c == n), "node {n} not among its parent's children");
+                assert_eq!(node.depth_pages, parent.depth_pages + parent.pages() as u32);
+                assert!(parent.hard_pins >= node.hard_pins || node.parent == ROOT, "pin path broken at {n}");
+            }
+            let mut h = parent_hash;
+            for (i, page) in node.tokens.chunks_exact(ps).enumerate() {
+                h = h.chain(page);
+                assert_eq!(node.hashes[i], h, "page hash chain broken in node {n}");
+                assert!(!node.locs[i].is_empty(), "page without a copy in node {n}");
+                assert!(self.locate(h).is_some(), "page of node {n} not in the hash map");
+            }
+            seen_pages += node.pages() as u64;
+            if node.pinned() && n != ROOT {
+                pinned += node.pages() as u64;
+            }
+            for t in 0..TIERS {
+                let own = node.locs.iter().filter(|l| l.has(Tier::ALL[t])).count() as u32;
+                assert_eq!(node.tier_pages[t], own, "tier_pages of node {n}");
+                tier_pages[t] += u64::from(own);
+                let kids = node
+                    .children
+                    .iter()
+                    .filter(|&&(_, c)| self.nodes[c as usize].has_subtree_copy(t))
+                    .count() as u32;
+                assert_eq!(node.tier_children[t], kids, "tier_children of node {n}");
+                let in_set = node.set_key[t] != NOT_IN_SET;
+                assert_eq!(in_set, self.should_be_in_set(n, t), "set membership of node {n} tier {t}");
+                if in_set {
+                    assert!(self.sets[t].contains(&(node.set_key[t], n)));
+                    assert!(node.set_key[t] <= self.full_key(n, policy), "set key above current rank");
+                }
+            }
+            let mut last_key = 0;
+            for &(k, c) in &node.children {
+                assert!(k >= last_key, "children unsorted");
+                last_key = k;
+                assert_eq!(self.nodes[c as usize].parent, n);
+                assert_eq!(k, edge_key(&self.nodes[c as usize].tokens[..ps]));
+                stack.push((c, node.hashes.last().copied().unwrap_or(self.seed)));
+            }
+        }
+        assert_eq!(seen_nodes, self.live_nodes, "live node count");
+        assert_eq!(seen_pages, self.pages, "page count");
+        assert_eq!(tier_pages, self.tier_pages, "tier page counts");
+        assert_eq!(pinned, self.pinned_pages, "pinned page count");
+        for t in 0..TIERS {
+            for &(_, n) in &self.sets[t] {
+                assert!(self.nodes[n as usize].alive, "dead node in a set");
+            }
+        }
+        for rec in self.leases.values() {
+            if rec.target != ROOT {
+                let node = &self.nodes[rec.target as usize];
+                assert!(node.alive, "lease on a dead node");
+                match rec.kind {
+                    PinKind::Lease => assert!(node.hard_pins > 0),
+                    PinKind::Session { .. } => assert!(node.soft_pins > 0),
+                }
+            }
+        }
+    }
+}
