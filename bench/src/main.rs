@@ -1,1 +1,152 @@
-fn main() {}
+//! `bench`: replays KV-cache workloads through radixkv's index and reports
+//! hit rates against the infinite-cache ceiling and the offline optimum.
+
+mod belady;
+mod capacity;
+#[cfg(feature = "dynamo")]
+mod peer_dynamo;
+mod replay;
+mod report;
+mod trace;
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+use replay::PolicyChoice;
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(name = "bench", version, about = "Benchmark radixkv's KV-cache index on real and generated workloads")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Replay a Mooncake-format trace through the index: hit rate per
+    /// policy and capacity, beside the infinite-cache ceiling and the
+    /// offline optimum (Belady).
+    Replay(ReplayArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ReplayArgs {
+    /// Trace file: JSON lines {timestamp, input_length, output_length, hash_ids}.
+    #[arg(default_value = "data/traces/synthetic_trace.jsonl")]
+    trace: PathBuf,
+    /// Cache capacities in tokens, comma separated (SI suffixes: 1M = 10^6).
+    #[arg(long, default_value = "1M,3M,10M")]
+    capacity: String,
+    /// Tokens per trace block (Mooncake traces use 512).
+    #[arg(long, default_value_t = 512)]
+    block_tokens: u64,
+    /// Policies to replay, comma separated, or `all`.
+    #[arg(long, default_value = "all")]
+    policy: String,
+    /// Also replay the offline optimum (Belady) at each capacity.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    belady: bool,
+    /// Replay each configuration this many times and keep the fastest
+    /// (hit rates are identical across repeats; timings on a shared machine are not).
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Also replay the trace through Dynamo's router index (needs the
+    /// `dynamo` cargo feature).
+    #[arg(long)]
+    peer: bool,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Replay(args) => run_replay(args),
+    }
+}
+
+fn policies(list: &str) -> Result<Vec<PolicyChoice>> {
+    if list == "all" {
+        return Ok(radix_tree::policy::POLICY_NAMES
+            .iter()
+            .map(|n| PolicyChoice::Online(n.to_string()))
+            .collect());
+    }
+    list.split(',')
+        .map(|n| {
+            let n = n.trim();
+            if n == "belady" {
+                Ok(PolicyChoice::Belady)
+            } else if radix_tree::policy::by_name(n).is_some() {
+                Ok(PolicyChoice::Online(n.to_string()))
+            } else {
+                bail!(
+                    "unknown policy {n:?}; known: {}, belady",
+                    radix_tree::policy::POLICY_NAMES.join(", ")
+                )
+            }
+        })
+        .collect()
+}
+
+fn run_replay(args: ReplayArgs) -> Result<()> {
+    let caps = capacity::parse_list(&args.capacity, args.block_tokens)?;
+    let mut choices = policies(&args.policy)?;
+    if args.belady && !choices.contains(&PolicyChoice::Belady) {
+        choices.push(PolicyChoice::Belady);
+    }
+    let trace = trace::Trace::load(&args.trace)?;
+    let prep = replay::Prepared::new(trace.as_tokens()?);
+    eprintln!(
+        "trace {}: {} requests, {} blocks, {} distinct",
+        args.trace.display(),
+        trace.requests.len(),
+        trace.total_blocks(),
+        trace.distinct_blocks()
+    );
+    let repeat = args.repeat.max(1);
+    let best = |choice: &PolicyChoice, cap: Option<u64>| {
+        (0..repeat)
+            .map(|_| replay::replay(&prep, choice, cap))
+            .min_by(|a, b| a.seconds.total_cmp(&b.seconds))
+            .expect("at least one run")
+    };
+    let ceiling = best(&PolicyChoice::Online("lru".into()), None);
+    let mut results = Vec::new();
+    let total = caps.len() * choices.len();
+    for cap in &caps {
+        for choice in &choices {
+            eprint!("\r[{}/{}] {} at {}      ", results.len() + 1, total, choice.name(), cap.label);
+            results.push((cap.clone(), best(choice, Some(cap.blocks))));
+        }
+    }
+    eprintln!();
+    let peer = if args.peer { run_peer(&trace)? } else { None };
+    let report = report::Report::new(&args.trace, args.block_tokens, ceiling, results, peer);
+    print!("{}", report.table());
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+#[cfg(feature = "dynamo")]
+fn run_peer(trace: &trace::Trace) -> Result<Option<report::PeerFigures>> {
+    let requests: Vec<Vec<u64>> = trace.requests.iter().map(|r| r.hash_ids.clone()).collect();
+    let r = peer_dynamo::replay_dynamo(&requests)?;
+    Ok(Some(report::PeerFigures {
+        name: "dynamo-kv-router 1.6.1 RadixTree".into(),
+        requests: r.requests,
+        hit_blocks: r.hit_blocks,
+        seconds: r.seconds,
+        requests_per_second: r.requests as f64 / r.seconds,
+        block_ops_per_second: r.blocks as f64 / r.seconds,
+    }))
+}
+
+#[cfg(not(feature = "dynamo"))]
+fn run_peer(_: &trace::Trace) -> Result<Option<report::PeerFigures>> {
+    bail!("--peer needs the peer compiled in: cargo run --release -p bench --features dynamo -- replay --peer")
+}

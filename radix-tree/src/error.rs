@@ -8,6 +8,8 @@ pub enum IndexError {
     InvalidPageSize(usize),
     #[error("invalid configuration: {0}")]
     InvalidConfig(&'static str),
+    #[error("the index holds its maximum of {0} namespaces")]
+    TooManyNamespaces(usize),
     #[error("unknown namespace {0:?}")]
     UnknownNamespace(NamespaceId),
     #[error("namespace already exists with page size {existing}, asked for {requested}")]

@@ -37,20 +37,31 @@ impl PageHash {
 
     /// The hash of the page `tokens` whose parent page (or namespace seed) is `self`.
     pub fn chain(self, tokens: &[u32]) -> PageHash {
-        // Pages hold at most MAX_PAGE_SIZE tokens, so the input fits a stack buffer.
+        // Hash from a stack buffer sized for the common page sizes, so the
+        // hot path neither allocates nor clears a large buffer.
+        const SMALL: usize = 16;
+        if tokens.len() <= SMALL {
+            let mut buf = [0u8; 16 + 4 * SMALL];
+            return PageHash(xxh3_128(fill(&mut buf, self, tokens)));
+        }
         let mut buf = [0u8; 16 + 4 * crate::MAX_PAGE_SIZE];
         debug_assert!(tokens.len() <= crate::MAX_PAGE_SIZE);
-        buf[..16].copy_from_slice(&self.to_le_bytes());
-        for (chunk, t) in buf[16..].chunks_exact_mut(4).zip(tokens) {
-            chunk.copy_from_slice(&t.to_le_bytes());
-        }
-        PageHash(xxh3_128(&buf[..16 + 4 * tokens.len()]))
+        PageHash(xxh3_128(fill(&mut buf, self, tokens)))
     }
 
     /// The low 64 bits, used as a hash-map key.
     pub(crate) fn short(self) -> u64 {
         self.0 as u64
     }
+}
+
+/// Writes `parent ‖ tokens` (little-endian) into `buf`; returns the used part.
+fn fill<'a>(buf: &'a mut [u8], parent: PageHash, tokens: &[u32]) -> &'a [u8] {
+    buf[..16].copy_from_slice(&parent.to_le_bytes());
+    for (chunk, t) in buf[16..].chunks_exact_mut(4).zip(tokens) {
+        chunk.copy_from_slice(&t.to_le_bytes());
+    }
+    &buf[..16 + 4 * tokens.len()]
 }
 
 /// Hashes a namespace key into its seed.

@@ -3,10 +3,10 @@
 
 use crate::clock::{Clock, MonotonicClock};
 use crate::error::{IndexError, Result};
-use crate::events::{EventSink, IndexEvent};
+use crate::events::EventSink;
 use crate::namespace::{NamespaceConfig, NamespaceId, NamespaceKey};
 use crate::policy::{EvictionPolicy, Lru};
-use crate::sync::{Arc, AtomicU64, Ordering, RwLock, RwLockWriteGuard};
+use crate::sync::{Arc, AtomicU64, OnceLock, Ordering, RwLock, RwLockWriteGuard};
 use crate::tree::{OpCtx, Tree};
 use crate::{BlockId, EvictedPage, InsertOutcome, Lease, LeaseId, Match, PageHash, PageLocation, PinKind, Tier, TIERS};
 use std::collections::HashMap;
@@ -20,6 +20,7 @@ pub struct IndexConfig {
     events: Option<Arc<dyn EventSink>>,
     max_tokens_per_call: usize,
     max_pinned_pages_per_tenant: u64,
+    max_namespaces: usize,
 }
 
 impl Default for IndexConfig {
@@ -30,6 +31,7 @@ impl Default for IndexConfig {
             events: None,
             max_tokens_per_call: 1 << 22,
             max_pinned_pages_per_tenant: u64::MAX,
+            max_namespaces: 4096,
         }
     }
 }
@@ -79,7 +81,16 @@ impl IndexConfigBuilder {
         self
     }
 
+    /// Most namespaces the index holds (default 4096).
+    pub fn max_namespaces(mut self, n: usize) -> Self {
+        self.0.max_namespaces = n;
+        self
+    }
+
     pub fn build(self) -> Result<IndexConfig> {
+        if self.0.max_namespaces == 0 || self.0.max_namespaces > u32::MAX as usize {
+            return Err(IndexError::InvalidConfig("max_namespaces must be in 1..=u32::MAX"));
+        }
         if self.0.max_tokens_per_call == 0 {
             return Err(IndexError::InvalidConfig("max_tokens_per_call must be above zero"));
         }
@@ -99,13 +110,14 @@ struct Tenant {
 struct NamespaceEntry {
     key: NamespaceKey,
     tenant: Arc<Tenant>,
+    page_size: usize,
     tree: RwLock<Tree>,
 }
 
+/// Namespace creation bookkeeping; lookups by id never touch it.
 #[derive(Debug, Default)]
 struct Registry {
     by_key: HashMap<Vec<u8>, NamespaceId>,
-    entries: Vec<Arc<NamespaceEntry>>,
     tenants: HashMap<String, Arc<Tenant>>,
 }
 
@@ -152,6 +164,10 @@ impl IndexStats {
 #[derive(Debug)]
 pub struct RadixIndex {
     config: IndexConfig,
+    /// Namespaces by id, each set once: a lookup finds its namespace with
+    /// one atomic load and no lock.
+    slots: Box<[OnceLock<Box<NamespaceEntry>>]>,
+    created: AtomicU64,
     registry: RwLock<Registry>,
     tick: AtomicU64,
     counters: Counters,
@@ -166,6 +182,8 @@ impl Default for RadixIndex {
 impl RadixIndex {
     pub fn new(config: IndexConfig) -> Self {
         Self {
+            slots: (0..config.max_namespaces).map(|_| OnceLock::new()).collect(),
+            created: AtomicU64::new(0),
             config,
             registry: RwLock::new(Registry::default()),
             tick: AtomicU64::new(1),
@@ -187,7 +205,7 @@ impl RadixIndex {
         let bytes = key.to_bytes();
         let mut reg = self.registry.write();
         if let Some(&id) = reg.by_key.get(&bytes) {
-            let existing = reg.entries[id.0 as usize].tree.read().page_size();
+            let existing = self.entry(id)?.page_size;
             if existing != config.page_size() {
                 return Err(IndexError::NamespaceConflict {
                     existing,
@@ -196,7 +214,11 @@ impl RadixIndex {
             }
             return Ok(id);
         }
-        let id = NamespaceId(reg.entries.len() as u32);
+        let index = self.created.load(Ordering::Acquire) as usize;
+        if index >= self.slots.len() {
+            return Err(IndexError::TooManyNamespaces(self.slots.len()));
+        }
+        let id = NamespaceId(index as u32);
         let tenant = reg
             .tenants
             .entry(key.tenant.clone())
@@ -206,11 +228,16 @@ impl RadixIndex {
                 })
             })
             .clone();
-        reg.entries.push(Arc::new(NamespaceEntry {
+        let entry = NamespaceEntry {
             key: key.clone(),
             tenant,
+            page_size: config.page_size(),
             tree: RwLock::new(Tree::new(id, config.page_size(), key.seed())),
-        }));
+        };
+        if self.slots[index].set(Box::new(entry)).is_err() {
+            unreachable!("slots are filled in order under the registry lock");
+        }
+        self.created.store(index as u64 + 1, Ordering::Release);
         reg.by_key.insert(bytes, id);
         Ok(id)
     }
@@ -225,16 +252,20 @@ impl RadixIndex {
     }
 
     pub fn page_size(&self, ns: NamespaceId) -> Result<usize> {
-        Ok(self.entry(ns)?.tree.read().page_size())
+        Ok(self.entry(ns)?.page_size)
     }
 
-    fn entry(&self, ns: NamespaceId) -> Result<Arc<NamespaceEntry>> {
-        self.registry
-            .read()
-            .entries
+    fn entry(&self, ns: NamespaceId) -> Result<&NamespaceEntry> {
+        self.slots
             .get(ns.0 as usize)
-            .cloned()
+            .and_then(OnceLock::get)
+            .map(|b| &**b)
             .ok_or(IndexError::UnknownNamespace(ns))
+    }
+
+    fn entries(&self) -> impl Iterator<Item = &NamespaceEntry> {
+        let created = self.created.load(Ordering::Acquire) as usize;
+        self.slots[..created].iter().filter_map(|s| s.get().map(|b| &**b))
     }
 
     fn check_len(&self, tokens: &[u32]) -> Result<()> {
@@ -261,7 +292,7 @@ impl RadixIndex {
         tree: &mut RwLockWriteGuard<'_, Tree>,
         op: impl FnOnce(&mut Tree, &mut OpCtx<'_>) -> R,
     ) -> R {
-        let pinned_before = tree.pinned_pages;
+        let mut pinned_before = tree.pinned_pages;
         let pages_before = tree.pages;
         let mut events = Vec::new();
         let sink = self.config.events.as_deref();
@@ -270,18 +301,21 @@ impl RadixIndex {
             tick: self.next_tick(),
             events: sink.map(|_| &mut events),
         };
+        let update_tenant = |before: u64, after: u64| {
+            if after > before {
+                entry.tenant.pinned_pages.fetch_add(after - before, Ordering::Relaxed);
+            } else if after < before {
+                entry.tenant.pinned_pages.fetch_sub(before - after, Ordering::Relaxed);
+            }
+        };
         if tree.next_expiry().is_some_and(|e| e <= self.config.clock.now_ms()) {
             tree.reclaim_expired(self.config.clock.now_ms(), &*self.config.policy);
+            // Before `op` runs: a pin checks the tenant's count against its cap.
+            update_tenant(pinned_before, tree.pinned_pages);
+            pinned_before = tree.pinned_pages;
         }
         let r = op(tree, &mut ctx);
-        let pinned_after = tree.pinned_pages;
-        if pinned_after != pinned_before {
-            if pinned_after > pinned_before {
-                entry.tenant.pinned_pages.fetch_add(pinned_after - pinned_before, Ordering::Relaxed);
-            } else {
-                entry.tenant.pinned_pages.fetch_sub(pinned_before - pinned_after, Ordering::Relaxed);
-            }
-        }
+        update_tenant(pinned_before, tree.pinned_pages);
         if tree.pages < pages_before {
             self.counters.removed_pages.fetch_add(pages_before - tree.pages, Ordering::Relaxed);
         }
@@ -311,13 +345,7 @@ impl RadixIndex {
         drop(tree);
         self.counters.lookups.fetch_add(1, Ordering::Relaxed);
         self.counters.lookup_tokens.fetch_add(tokens.len() as u64, Ordering::Relaxed);
-        for (t, count) in self.counters.hit_tokens.iter().enumerate() {
-            // Attribute each page to the fastest tier holding it.
-            let pages = out
-                .locations
-                .iter()
-                .filter(|l| l.fastest().map(Tier::index) == Some(t))
-                .count();
+        for (count, pages) in self.counters.hit_tokens.iter().zip(out.fastest_pages) {
             if pages > 0 {
                 count.fetch_add((pages * out.page_size) as u64, Ordering::Relaxed);
             }
@@ -349,8 +377,7 @@ impl RadixIndex {
     ) -> Result<InsertOutcome> {
         self.check_len(tokens)?;
         let entry = self.entry(ns)?;
-        let ps = entry.tree.read().page_size();
-        let pages = tokens.len() / ps;
+        let pages = tokens.len() / entry.page_size;
         if blocks.len() != pages {
             return Err(IndexError::BlockCountMismatch {
                 pages,
@@ -360,7 +387,7 @@ impl RadixIndex {
         if let Some(b) = blocks.iter().find(|b| b.0 == BlockId::NONE_RAW) {
             return Err(IndexError::InvalidBlock(b.0));
         }
-        let out = self.write_op(&entry, |tree, ctx| tree.insert(tokens, tier, blocks, priority, ctx));
+        let out = self.write_op(entry, |tree, ctx| tree.insert(tokens, tier, blocks, priority, ctx));
         self.counters.inserted_pages.fetch_add(out.new_pages as u64, Ordering::Relaxed);
         Ok(out)
     }
@@ -390,7 +417,7 @@ impl RadixIndex {
             return Err(IndexError::InvalidBlock(block.0));
         }
         let entry = self.entry(ns)?;
-        self.write_op(&entry, |tree, ctx| tree.add_location(hash, tier, block, ctx))
+        self.write_op(entry, |tree, ctx| tree.add_location(hash, tier, block, ctx))
     }
 
     /// Drops a page's copy on `tier` (a tier lost or moved it). If that was
@@ -400,7 +427,7 @@ impl RadixIndex {
     pub fn drop_location(&self, ns: NamespaceId, hash: PageHash, tier: Tier) -> Result<Vec<EvictedPage>> {
         let entry = self.entry(ns)?;
         let mut out = Vec::new();
-        self.write_op(&entry, |tree, ctx| tree.drop_location(hash, tier, ctx, &mut out))?;
+        self.write_op(entry, |tree, ctx| tree.drop_location(hash, tier, ctx, &mut out))?;
         Ok(out)
     }
 
@@ -408,7 +435,7 @@ impl RadixIndex {
     /// lowest rank first. Each returned entry says which copies were dropped
     /// (the caller frees or demotes them) and which remain.
     pub fn evict(&self, tier: Tier, pages: usize) -> Vec<EvictedPage> {
-        let entries: Vec<Arc<NamespaceEntry>> = self.registry.read().entries.clone();
+        let entries: Vec<&NamespaceEntry> = self.entries().collect();
         let mut out = Vec::new();
         let mut done = 0;
         if let [entry] = entries.as_slice() {
@@ -420,21 +447,31 @@ impl RadixIndex {
                 let mut best: Option<(u64, usize)> = None;
                 let mut second = u64::MAX;
                 for (i, e) in entries.iter().enumerate() {
-                    let key = e.tree.write().min_key(tier, &*self.config.policy);
-                    if let Some(k) = key {
-                        match best {
-                            Some((b, _)) if k >= b => second = second.min(k),
-                            _ => {
-                                if let Some((b, _)) = best {
-                                    second = second.min(b);
-                                }
-                                best = Some((k, i));
+                    let key = {
+                        let mut tree = e.tree.write();
+                        // Expired leases must not keep pages out of (or, soft,
+                        // ranked above) the merge: reclaim them first, as
+                        // every write on a namespace does.
+                        if tree.next_expiry().is_some_and(|x| x <= self.config.clock.now_ms()) {
+                            self.write_op_locked(e, &mut tree, |_, _| ());
+                        }
+                        tree.min_key(tier, &*self.config.policy)
+                    };
+                    let Some(k) = key else {
+                        continue;
+                    };
+                    match best {
+                        Some((b, _)) if k >= b => second = second.min(k),
+                        _ => {
+                            if let Some((b, _)) = best {
+                                second = second.min(b);
                             }
+                            best = Some((k, i));
                         }
                     }
                 }
                 let Some((_, i)) = best else { break };
-                let n = self.write_op(&entries[i], |tree, ctx| tree.evict(tier, pages - done, second, ctx, &mut out));
+                let n = self.write_op(entries[i], |tree, ctx| tree.evict(tier, pages - done, second, ctx, &mut out));
                 if n == 0 {
                     break;
                 }
@@ -450,7 +487,7 @@ impl RadixIndex {
     pub fn evict_namespace(&self, ns: NamespaceId, tier: Tier, pages: usize) -> Result<Vec<EvictedPage>> {
         let entry = self.entry(ns)?;
         let mut out = Vec::new();
-        let done = self.write_op(&entry, |tree, ctx| tree.evict(tier, pages, u64::MAX, ctx, &mut out));
+        let done = self.write_op(entry, |tree, ctx| tree.evict(tier, pages, u64::MAX, ctx, &mut out));
         self.counters.evicted_copies[tier.index()].fetch_add(done as u64, Ordering::Relaxed);
         Ok(out)
     }
@@ -465,7 +502,7 @@ impl RadixIndex {
         let cap = self.config.max_pinned_pages_per_tenant;
         let expires_ms = self.config.clock.now_ms().saturating_add(ttl.as_millis() as u64);
         let tenant = &entry.tenant;
-        let (id, pages) = self.write_op(&entry, |tree, ctx| {
+        let (id, pages) = self.write_op(entry, |tree, ctx| {
             tree.pin(tokens, kind, expires_ms, ctx.policy, |newly| {
                 let pinned = tenant.pinned_pages.load(Ordering::Relaxed);
                 if pinned.saturating_add(newly) > cap {
@@ -488,28 +525,30 @@ impl RadixIndex {
         }
         let entry = self.entry(lease.ns)?;
         let expires_ms = self.config.clock.now_ms().saturating_add(ttl.as_millis() as u64);
-        self.write_op(&entry, |tree, _| tree.renew(lease.seq, expires_ms))?;
+        self.write_op(entry, |tree, _| tree.renew(lease.seq, expires_ms))?;
         Ok(expires_ms)
     }
 
     /// Releases a lease. Its pages become evictable again.
     pub fn release(&self, lease: LeaseId) -> Result<()> {
         let entry = self.entry(lease.ns)?;
-        self.write_op(&entry, |tree, ctx| tree.release(lease.seq, ctx.policy))?;
+        self.write_op(entry, |tree, ctx| tree.release(lease.seq, ctx.policy))?;
         Ok(())
     }
 
     /// Releases every expired lease in every namespace. Returns how many.
     /// (Mutating calls on a namespace also do this for it first.)
     pub fn reclaim_expired(&self) -> usize {
-        let entries: Vec<Arc<NamespaceEntry>> = self.registry.read().entries.clone();
         let now = self.config.clock.now_ms();
-        entries
-            .iter()
+        self.entries()
             .map(|e| {
                 let mut tree = e.tree.write();
                 if tree.next_expiry().is_some_and(|x| x <= now) {
-                    self.write_op_locked(e, &mut tree, |tree, ctx| tree.reclaim_expired(now, ctx.policy))
+                    // write_op_locked reclaims expired leases before it runs
+                    // its op, so count what the whole call released.
+                    let before = tree.active_leases();
+                    self.write_op_locked(e, &mut tree, |tree, ctx| tree.reclaim_expired(now, ctx.policy));
+                    before - tree.active_leases()
                 } else {
                     0
                 }
@@ -522,7 +561,7 @@ impl RadixIndex {
     pub fn clear_namespace(&self, ns: NamespaceId) -> Result<Vec<EvictedPage>> {
         let entry = self.entry(ns)?;
         let mut out = Vec::new();
-        self.write_op(&entry, |tree, ctx| tree.clear(ctx, &mut out))?;
+        self.write_op(entry, |tree, ctx| tree.clear(ctx, &mut out))?;
         Ok(out)
     }
 
@@ -537,12 +576,11 @@ impl RadixIndex {
 
     /// Pages held on `tier` across all namespaces.
     pub fn tier_pages(&self, tier: Tier) -> u64 {
-        let entries: Vec<Arc<NamespaceEntry>> = self.registry.read().entries.clone();
-        entries.iter().map(|e| e.tree.read().tier_pages[tier.index()]).sum()
+        self.entries().map(|e| e.tree.read().tier_pages[tier.index()]).sum()
     }
 
     pub fn stats(&self) -> IndexStats {
-        let entries: Vec<Arc<NamespaceEntry>> = self.registry.read().entries.clone();
+        let entries: Vec<&NamespaceEntry> = self.entries().collect();
         let c = &self.counters;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let mut s = IndexStats {
@@ -555,7 +593,7 @@ impl RadixIndex {
             removed_pages: load(&c.removed_pages),
             ..IndexStats::default()
         };
-        for e in &entries {
+        for e in entries {
             let tree = e.tree.read();
             s.pages += tree.pages;
             for t in 0..TIERS {
@@ -573,7 +611,7 @@ impl RadixIndex {
     /// description when one fails. For tests: linear in the index's size.
     #[cfg(any(test, feature = "test-utils"))]
     pub fn check_invariants(&self) {
-        let entries: Vec<Arc<NamespaceEntry>> = self.registry.read().entries.clone();
+        let entries: Vec<&NamespaceEntry> = self.entries().collect();
         let mut by_tenant: HashMap<*const Tenant, u64> = HashMap::new();
         for e in &entries {
             let tree = e.tree.read();

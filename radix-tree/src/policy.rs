@@ -3,8 +3,12 @@
 //! node, from statistics that the tree keeps for it.
 //!
 //! Rules every policy must follow, because the tree re-ranks lazily:
-//! - `key` must never decrease between two accesses of a node (an access may
-//!   only move a node later in the eviction order), and
+//! - `key` must not change between two accesses of a node except through
+//!   [`NodeInfo`] (the tree re-ranks a node whose pages change);
+//! - a lookup (shared lock) may only raise a node's key: the tree re-ranks a
+//!   stale entry when it reaches the front of the order. An insert re-ranks
+//!   exactly, so a key that falls on access is exact for nodes that are
+//!   inserted after they are looked up (as engines and the replay do);
 //! - `key` must stay below `2^KEY_BITS`; the tree puts the pin class above it.
 
 use crate::hash::PageHash;
@@ -89,6 +93,8 @@ pub struct NodeInfo {
     pub priority: u8,
     /// Hash of the node's last page: the one an eviction takes first.
     pub last_page: PageHash,
+    /// Hash of the node's first page.
+    pub first_page: PageHash,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,8 +121,9 @@ pub trait EvictionPolicy: Send + Sync + fmt::Debug {
     /// The node's rank; see the module rules.
     fn key(&self, stats: &NodeStats, node: &NodeInfo) -> u64;
 
-    /// Called with the key of each evicted page.
-    fn on_evict(&self, _key: u64) {}
+    /// Called for each evicted page, with its node's rank at eviction and
+    /// the index's logical time.
+    fn on_evict(&self, _stats: &NodeStats, _node: &NodeInfo, _key: u64, _tick: u64) {}
 }
 
 fn clamp(key: u64) -> u64 {
@@ -153,14 +160,15 @@ impl EvictionPolicy for Lfu {
     }
 }
 
-/// Segmented LRU: pages hit at least twice sit in a protected segment that
-/// is evicted after the probation segment, but a protected page that stays
-/// untouched for longer than the probation horizon falls back: it ranks as
-/// if it had been used `horizon` accesses later than it was. The horizon is
-/// the age of the last evicted probation page, so it follows the cache size.
+/// Segmented LRU. Pages that were hit at least once form the protected
+/// segment, the rest probation. A protected page ranks as if it had been
+/// used one probation lifetime later than it was, where the probation
+/// lifetime is the age at which the latest probation page was evicted: so
+/// a reused page outlives a fresh one by about that much, whatever the
+/// cache size, and an idle protected page still ages out.
 #[derive(Debug, Default)]
 pub struct Slru {
-    horizon: AtomicU64,
+    probation_lifetime: AtomicU64,
 }
 
 impl EvictionPolicy for Slru {
@@ -168,16 +176,22 @@ impl EvictionPolicy for Slru {
         "slru"
     }
     fn on_access(&self, stats: &NodeStats, _: &NodeInfo, access: Access) {
-        if stats.hits() >= 2 {
-            stats.set_aux(access.tick + self.horizon.load(Ordering::Relaxed));
+        let bonus = if stats.hits() >= 1 {
+            self.probation_lifetime.load(Ordering::Relaxed)
         } else {
-            stats.set_aux(access.tick);
-        }
+            0
+        };
+        stats.set_aux(stats.aux().max(access.tick + bonus));
     }
     fn key(&self, stats: &NodeStats, _: &NodeInfo) -> u64 {
         clamp(stats.aux().max(stats.last_access()))
     }
-    fn on_evict(&self, _key: u64) {}
+    fn on_evict(&self, stats: &NodeStats, _: &NodeInfo, _key: u64, tick: u64) {
+        if stats.hits() == 0 {
+            let age = tick.saturating_sub(stats.last_access());
+            self.probation_lifetime.store(age, Ordering::Relaxed);
+        }
+    }
 }
 
 /// LRU within priority classes: a node inserted with a higher priority
@@ -241,7 +255,7 @@ impl EvictionPolicy for CostAware {
     fn key(&self, stats: &NodeStats, _: &NodeInfo) -> u64 {
         clamp(stats.aux())
     }
-    fn on_evict(&self, key: u64) {
+    fn on_evict(&self, _: &NodeStats, _: &NodeInfo, key: u64, _: u64) {
         self.inflation.fetch_max(key & KEY_MAX, Ordering::Relaxed);
     }
 }

@@ -3,4 +3,4 @@
 
 pub(crate) use parking_lot::{RwLock, RwLockWriteGuard};
 pub(crate) use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-pub(crate) use std::sync::Arc;
+pub(crate) use std::sync::{Arc, OnceLock};

@@ -82,6 +82,16 @@ impl Node {
     }
 }
 
+/// Gives back a node's spare capacity once it is at least half wasted, so
+/// memory stays near the live size without a reallocation per evicted page.
+fn trim(node: &mut Node) {
+    if node.hashes.capacity() >= 2 * node.hashes.len().max(1) {
+        node.tokens.shrink_to_fit();
+        node.hashes.shrink_to_fit();
+        node.locs.shrink_to_fit();
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct LeaseRecord {
     target: u32,
@@ -102,6 +112,8 @@ pub struct Match {
     pub tier_pages: [usize; TIERS],
     /// Hash of the last matched page.
     pub last_page: Option<PageHash>,
+    /// Matched pages by the fastest tier holding them (sums to `pages`).
+    pub fastest_pages: [usize; TIERS],
 }
 
 impl Match {
@@ -119,6 +131,7 @@ impl Match {
         self.page_size = page_size;
         self.locations.clear();
         self.tier_pages = [0; TIERS];
+        self.fastest_pages = [0; TIERS];
         self.last_page = None;
     }
 }
@@ -217,10 +230,6 @@ impl Tree {
         }
     }
 
-    pub(crate) fn page_size(&self) -> usize {
-        self.page_size
-    }
-
     // ---- lookups ---------------------------------------------------------
 
     fn find_child(&self, node: u32, page: &[u32]) -> Option<u32> {
@@ -237,13 +246,13 @@ impl Tree {
     /// Whole pages in common between an edge and the rest of a prompt,
     /// given that their first pages are equal.
     fn common_pages(&self, edge: &[u32], rest: &[u32]) -> usize {
-        let ps = self.page_size;
-        let max = edge.len().min(rest.len()) / ps;
-        let mut p = 1;
-        while p < max && edge[p * ps..(p + 1) * ps] == rest[p * ps..(p + 1) * ps] {
-            p += 1;
-        }
-        p
+        let len = edge.len().min(rest.len()) / self.page_size * self.page_size;
+        let equal = edge[..len]
+            .iter()
+            .zip(&rest[..len])
+            .position(|(a, b)| a != b)
+            .unwrap_or(len);
+        equal / self.page_size
     }
 
     fn info(&self, n: u32) -> NodeInfo {
@@ -254,6 +263,7 @@ impl Tree {
             page_size: self.page_size as u32,
             priority: node.priority,
             last_page: node.hashes.last().copied().unwrap_or(self.seed),
+            first_page: node.hashes.first().copied().unwrap_or(self.seed),
         }
     }
 
@@ -301,6 +311,9 @@ impl Tree {
             for loc in &node.locs[..count] {
                 for t in 0..TIERS {
                     out.tier_pages[t] += usize::from(loc.has(Tier::ALL[t]));
+                }
+                if let Some(t) = loc.fastest() {
+                    out.fastest_pages[t.index()] += 1;
                 }
             }
             out.locations.extend_from_slice(&node.locs[..count]);
@@ -404,6 +417,26 @@ impl Tree {
         }
     }
 
+    /// Ranks `n` exactly in every set it is in (after an access under the
+    /// write lock, so policies whose key can fall on access stay exact).
+    fn rekey_in_sets(&mut self, n: u32, policy: &dyn EvictionPolicy) {
+        for t in 0..TIERS {
+            if self.nodes[n as usize].set_key[t] != NOT_IN_SET {
+                self.rekey_tier(n, t, policy);
+            }
+        }
+    }
+
+    fn rekey_tier(&mut self, n: u32, t: usize, policy: &dyn EvictionPolicy) {
+        let have = self.nodes[n as usize].set_key[t];
+        let key = self.full_key(n, policy);
+        if key != have {
+            self.sets[t].remove(&(have, n));
+            self.sets[t].insert((key, n));
+            self.nodes[n as usize].set_key[t] = key;
+        }
+    }
+
     fn presence(&self, n: u32) -> [bool; TIERS] {
         let node = &self.nodes[n as usize];
         std::array::from_fn(|t| node.has_subtree_copy(t))
@@ -472,11 +505,9 @@ impl Tree {
         head.hashes = old.hashes[..at].to_vec();
         head.locs = old.locs[..at].to_vec();
         old.tokens.drain(..at * ps);
-        old.tokens.shrink_to_fit();
         old.hashes.drain(..at);
-        old.hashes.shrink_to_fit();
         old.locs.drain(..at);
-        old.locs.shrink_to_fit();
+        trim(old);
         old.depth_pages += at as u32;
         for t in 0..TIERS {
             let moved = head.locs.iter().filter(|l| l.has(Tier::ALL[t])).count() as u32;
@@ -547,13 +578,17 @@ impl Tree {
                 child = self.split(child, n, ctx.policy);
             }
             let before = self.presence(child);
+            let mut adopted = false;
             for off in 0..n {
                 let block = blocks[page + off];
                 let loc = &mut self.nodes[child as usize].locs[off];
-                if loc.has(tier) {
-                    out.rejected.push(block);
+                if let Some(existing) = loc.get(tier) {
+                    if existing != block {
+                        out.rejected.push(block);
+                    }
                     continue;
                 }
+                adopted = true;
                 loc.set(tier, Some(block));
                 self.nodes[child as usize].tier_pages[t] += 1;
                 self.tier_pages[t] += 1;
@@ -567,8 +602,11 @@ impl Tree {
                 });
             }
             self.nodes[child as usize].priority = self.nodes[child as usize].priority.max(priority);
-            self.propagate(child, before, ctx.policy);
+            if adopted {
+                self.propagate(child, before, ctx.policy);
+            }
             self.touch(child, ctx.policy, access);
+            self.rekey_in_sets(child, ctx.policy);
             node = child;
             page += n;
         }
@@ -741,6 +779,8 @@ impl Tree {
             self.propagate(parent, parent_before, ctx.policy);
         } else {
             self.propagate(n, before, ctx.policy);
+            // Its last page changed: policies may rank it differently.
+            self.rekey_in_sets(n, ctx.policy);
         }
     }
 
@@ -776,11 +816,7 @@ impl Tree {
         if node.pinned() {
             self.pinned_pages -= removed as u64;
         }
-        if off > 0 {
-            node.tokens.shrink_to_fit();
-            node.hashes.shrink_to_fit();
-            node.locs.shrink_to_fit();
-        }
+        trim(node);
     }
 
     /// Frees an emptied node; its soft pins move to `survivor`, which
@@ -837,10 +873,14 @@ impl Tree {
                 .iter()
                 .rposition(|l| l.has(tier))
                 .expect("a node in a tier's set holds a copy on it");
-            ctx.policy.on_evict(key);
+            ctx.policy.on_evict(&self.nodes[n as usize].stats, &self.info(n), key, ctx.tick);
             let before = out.len();
             self.drop_copy(n, off, tier, ctx, out);
             done += out[before..].iter().filter(|e| e.dropped.has(tier)).count();
+            // The node's last page changed: policies may rank it differently.
+            if self.nodes[n as usize].alive && self.nodes[n as usize].set_key[t] != NOT_IN_SET {
+                self.rekey_tier(n, t, ctx.policy);
+            }
         }
         done
     }
@@ -858,7 +898,14 @@ impl Tree {
         admit: impl FnOnce(u64) -> Result<()>,
     ) -> Result<(LeaseId, usize)> {
         let mut matched = 0;
-        let target = self.walk(tokens, |_, count, _| matched += count);
+        // Pages matched of the last node, when it was matched only in part.
+        let mut partial = None;
+        let target = self.walk(tokens, |_, count, full| {
+            matched += count;
+            if !full {
+                partial = Some(count);
+            }
+        });
         if target == ROOT {
             return Err(IndexError::NotCached);
         }
@@ -867,11 +914,18 @@ impl Tree {
         while n != ROOT {
             let node = &self.nodes[n as usize];
             if !node.pinned() {
-                newly += node.pages() as u64;
+                let pages = if n == target { partial.unwrap_or(node.pages()) } else { node.pages() };
+                newly += pages as u64;
             }
             n = node.parent;
         }
         admit(newly)?;
+        // A lease holds only the matched pages: split off the unmatched tail
+        // of a node matched in part, so the lease does not pin it.
+        let target = match partial {
+            Some(count) => self.split(target, count, policy),
+            None => target,
+        };
         self.apply_pin(target, kind, 1, policy);
         let seq = self.next_lease;
         self.next_lease += 1;

@@ -1,0 +1,131 @@
+//! Policy replay: a trace through the real index with one-token pages (one
+//! page per trace block), at a capacity in blocks.
+//!
+//! Semantics, per request in order: its hit is its longest cached prefix;
+//! then all of its blocks are inserted; then, while the request's own path
+//! is pinned, leaves are evicted until the cache is back within capacity.
+
+use crate::belady::Belady;
+use radix_tree::policy::EvictionPolicy;
+use radix_tree::{BlockId, IndexConfig, Match, NamespaceConfig, NamespaceKey, PinKind, RadixIndex, Tier};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A policy to replay: an online one by name, or the offline bound.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyChoice {
+    Online(String),
+    Belady,
+}
+
+impl PolicyChoice {
+    pub fn name(&self) -> &str {
+        match self {
+            PolicyChoice::Online(n) => n,
+            PolicyChoice::Belady => "belady",
+        }
+    }
+}
+
+/// One replay's outcome.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReplayResult {
+    pub policy: String,
+    /// Capacity in blocks; `None` = unbounded.
+    pub capacity_blocks: Option<u64>,
+    pub requests: usize,
+    pub blocks: u64,
+    pub hit_blocks: u64,
+    pub hit_rate: f64,
+    pub evicted_blocks: u64,
+    pub seconds: f64,
+    pub requests_per_second: f64,
+    /// Block operations (looked up + stored) per second.
+    pub block_ops_per_second: f64,
+}
+
+/// The inputs a replay needs, prepared once per trace.
+#[derive(Debug)]
+pub struct Prepared {
+    pub tokens: Vec<Vec<u32>>,
+    key: NamespaceKey,
+    /// Page hashes per request, for the offline bound.
+    pages: Vec<Vec<radix_tree::PageHash>>,
+}
+
+impl Prepared {
+    pub fn new(tokens: Vec<Vec<u32>>) -> Self {
+        let key = NamespaceKey::new("bench", "trace", "blocks", "");
+        let seed = key.seed();
+        let pages = tokens
+            .iter()
+            .map(|t| {
+                let mut parent = seed;
+                t.iter()
+                    .map(|tok| {
+                        parent = parent.chain(std::slice::from_ref(tok));
+                        parent
+                    })
+                    .collect()
+            })
+            .collect();
+        Self { tokens, key, pages }
+    }
+}
+
+pub fn replay(prep: &Prepared, choice: &PolicyChoice, capacity_blocks: Option<u64>) -> ReplayResult {
+    let now = Arc::new(AtomicU64::new(0));
+    let policy: Arc<dyn EvictionPolicy> = match choice {
+        PolicyChoice::Belady => Arc::new(Belady::new(&prep.pages, now.clone())),
+        PolicyChoice::Online(name) => radix_tree::policy::by_name(name).expect("policy names are checked by the caller"),
+    };
+    let config = IndexConfig::builder()
+        .policy(policy)
+        .build()
+        .expect("valid config");
+    let index = RadixIndex::new(config);
+    let ns = index
+        .create_namespace(&prep.key, NamespaceConfig::new(1).expect("valid page size"))
+        .expect("fresh index");
+    let max_len = prep.tokens.iter().map(Vec::len).max().unwrap_or(0);
+    let blocks = vec![BlockId(0); max_len];
+    let mut m = Match::default();
+    let mut hit_blocks = 0u64;
+    let mut total_blocks = 0u64;
+    let mut evicted = 0u64;
+    let start = Instant::now();
+    for (i, tokens) in prep.tokens.iter().enumerate() {
+        now.store(i as u64, Ordering::Relaxed);
+        index.match_prefix_into(ns, tokens, &mut m).expect("valid request");
+        hit_blocks += m.pages as u64;
+        total_blocks += tokens.len() as u64;
+        index
+            .insert(ns, tokens, Tier::Host, &blocks[..tokens.len()])
+            .expect("valid request");
+        if let Some(cap) = capacity_blocks {
+            let held = index.tier_pages(Tier::Host);
+            if held > cap {
+                let lease = index
+                    .pin(ns, tokens, PinKind::Lease, Duration::from_secs(3600))
+                    .expect("the request was just inserted");
+                evicted += index.evict(Tier::Host, (held - cap) as usize).len() as u64;
+                index.release(lease.id).expect("lease is live");
+            }
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let inserted = index.stats().inserted_pages;
+    ReplayResult {
+        policy: choice.name().to_string(),
+        capacity_blocks,
+        requests: prep.tokens.len(),
+        blocks: total_blocks,
+        hit_blocks,
+        hit_rate: hit_blocks as f64 / total_blocks.max(1) as f64,
+        evicted_blocks: evicted,
+        seconds,
+        requests_per_second: prep.tokens.len() as f64 / seconds,
+        block_ops_per_second: (total_blocks + inserted) as f64 / seconds,
+    }
+}
