@@ -7,7 +7,9 @@
 
 use crate::belady::Belady;
 use radix_tree::policy::EvictionPolicy;
-use radix_tree::{BlockId, IndexConfig, Match, NamespaceConfig, NamespaceKey, PinKind, RadixIndex, Tier};
+use radix_tree::{
+    BlockId, IndexConfig, Match, NamespaceConfig, NamespaceKey, PinKind, RadixIndex, Tier,
+};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -74,11 +76,17 @@ impl Prepared {
     }
 }
 
-pub fn replay(prep: &Prepared, choice: &PolicyChoice, capacity_blocks: Option<u64>) -> ReplayResult {
+pub fn replay(
+    prep: &Prepared,
+    choice: &PolicyChoice,
+    capacity_blocks: Option<u64>,
+) -> ReplayResult {
     let now = Arc::new(AtomicU64::new(0));
     let policy: Arc<dyn EvictionPolicy> = match choice {
         PolicyChoice::Belady => Arc::new(Belady::new(&prep.pages, now.clone())),
-        PolicyChoice::Online(name) => radix_tree::policy::by_name(name).expect("policy names are checked by the caller"),
+        PolicyChoice::Online(name) => {
+            radix_tree::policy::by_name(name).expect("policy names are checked by the caller")
+        }
     };
     let config = IndexConfig::builder()
         .policy(policy)
@@ -97,7 +105,9 @@ pub fn replay(prep: &Prepared, choice: &PolicyChoice, capacity_blocks: Option<u6
     let start = Instant::now();
     for (i, tokens) in prep.tokens.iter().enumerate() {
         now.store(i as u64, Ordering::Relaxed);
-        index.match_prefix_into(ns, tokens, &mut m).expect("valid request");
+        index
+            .match_prefix_into(ns, tokens, &mut m)
+            .expect("valid request");
         hit_blocks += m.pages as u64;
         total_blocks += tokens.len() as u64;
         index
@@ -127,5 +137,66 @@ pub fn replay(prep: &Prepared, choice: &PolicyChoice, capacity_blocks: Option<u6
         seconds,
         requests_per_second: prep.tokens.len() as f64 / seconds,
         block_ops_per_second: (total_blocks + inserted) as f64 / seconds,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capacity::parse_list;
+    use crate::trace::Trace;
+
+    fn bundled() -> Prepared {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../data/traces/synthetic_trace.jsonl");
+        Prepared::new(Trace::load(&path).unwrap().as_tokens().unwrap())
+    }
+
+    /// The replay's semantics are pinned by published figures for this
+    /// trace: LRU and the offline bound at 1M / 3M / 10M tokens, and the
+    /// infinite-cache ceiling.
+    #[test]
+    fn bundled_trace_reproduces_reference_hit_rates() {
+        let prep = bundled();
+        let ceiling = replay(&prep, &PolicyChoice::Online("lru".into()), None);
+        assert_eq!(format!("{:.3}", ceiling.hit_rate), "0.640");
+        assert_eq!(ceiling.evicted_blocks, 0);
+        let caps = parse_list("1M,3M,10M", 512).unwrap();
+        let lru: Vec<String> = caps
+            .iter()
+            .map(|c| {
+                format!(
+                    "{:.3}",
+                    replay(&prep, &PolicyChoice::Online("lru".into()), Some(c.blocks)).hit_rate
+                )
+            })
+            .collect();
+        assert_eq!(lru, ["0.142", "0.309", "0.567"]);
+        let belady: Vec<String> = caps
+            .iter()
+            .map(|c| {
+                format!(
+                    "{:.3}",
+                    replay(&prep, &PolicyChoice::Belady, Some(c.blocks)).hit_rate
+                )
+            })
+            .collect();
+        assert_eq!(belady, ["0.370", "0.550", "0.640"]);
+    }
+
+    #[test]
+    fn every_policy_stays_between_nothing_and_the_bound() {
+        let prep = bundled();
+        let cap = parse_list("3M", 512).unwrap()[0].blocks;
+        let bound = replay(&prep, &PolicyChoice::Belady, Some(cap)).hit_rate;
+        for name in radix_tree::policy::POLICY_NAMES {
+            let r = replay(&prep, &PolicyChoice::Online(name.to_string()), Some(cap));
+            assert!(
+                r.hit_rate > 0.1 && r.hit_rate <= bound,
+                "{name}: {} vs bound {bound}",
+                r.hit_rate
+            );
+            assert!(r.evicted_blocks > 0, "{name} never evicted at 3M");
+        }
     }
 }

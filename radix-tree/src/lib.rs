@@ -19,6 +19,29 @@
 //!   that tier while no descendant does, page by page from its tail. The
 //!   ranking comes from an [`EvictionPolicy`].
 //!
+//! # Example
+//! ```
+//! use radix_tree::{BlockId, NamespaceConfig, NamespaceKey, PinKind, RadixIndex, Tier};
+//! use std::time::Duration;
+//!
+//! let index = RadixIndex::default();
+//! let ns = index.create_namespace(
+//!     &NamespaceKey::new("tenant-a", "smollm2-135m", "layout-digest", ""),
+//!     NamespaceConfig::new(16)?,
+//! )?;
+//! let prompt: Vec<u32> = (0..64).collect();
+//! let blocks = [BlockId(0), BlockId(1), BlockId(2), BlockId(3)];
+//! assert_eq!(index.insert(ns, &prompt, Tier::Host, &blocks)?.new_pages, 4);
+//! let hit = index.match_prefix(ns, &prompt[..40])?;
+//! assert_eq!((hit.pages, hit.tokens()), (2, 32));
+//! assert_eq!(hit.locations[1].get(Tier::Host), Some(BlockId(1)));
+//! let lease = index.pin(ns, &prompt, PinKind::Lease, Duration::from_secs(10))?;
+//! assert!(index.evict(Tier::Host, 1).is_empty()); // every page is leased
+//! index.release(lease.id)?;
+//! assert_eq!(index.evict(Tier::Host, 1)[0].dropped.get(Tier::Host), Some(BlockId(3)));
+//! # Ok::<(), radix_tree::IndexError>(())
+//! ```
+//!
 //! # Concurrency
 //! [`RadixIndex`] is shared by reference across threads. Each namespace has
 //! its own reader-writer lock: lookups take it shared (they record accesses
