@@ -42,6 +42,10 @@ impl EvictionPolicy for Belady {
         "belady"
     }
 
+    fn ranks_each_page(&self) -> bool {
+        true
+    }
+
     fn on_access(&self, stats: &NodeStats, _: &NodeInfo, _: Access) {
         stats.set_aux(self.now.load(Ordering::Relaxed));
     }

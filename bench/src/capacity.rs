@@ -19,7 +19,9 @@ pub fn parse_tokens(s: &str) -> Result<u64> {
         Some('g' | 'G') => (&s[..s.len() - 1], 1_000_000_000.0),
         _ => (s, 1.0),
     };
-    let v: f64 = digits.parse().with_context(|| format!("capacity {s:?} is not a number of tokens (like 3M)"))?;
+    let v: f64 = digits
+        .parse()
+        .with_context(|| format!("capacity {s:?} is not a number of tokens (like 3M)"))?;
     if !v.is_finite() || v <= 0.0 {
         bail!("capacity {s:?} must be above zero");
     }
@@ -55,7 +57,10 @@ mod tests {
     #[test]
     fn parses_si_tokens_into_blocks() {
         let caps = parse_list("1M,3M,10M", 512).unwrap();
-        assert_eq!(caps.iter().map(|c| c.blocks).collect::<Vec<_>>(), vec![1953, 5859, 19531]);
+        assert_eq!(
+            caps.iter().map(|c| c.blocks).collect::<Vec<_>>(),
+            vec![1953, 5859, 19531]
+        );
         assert_eq!(parse_tokens("2.5k").unwrap(), 2500);
         assert!(parse_tokens("0").is_err());
         assert!(parse_tokens("x").is_err());

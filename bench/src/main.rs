@@ -15,7 +15,11 @@ use replay::PolicyChoice;
 use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
-#[command(name = "bench", version, about = "Benchmark radixkv's KV-cache index on real and generated workloads")]
+#[command(
+    name = "bench",
+    version,
+    about = "Benchmark radixkv's KV-cache index on real and generated workloads"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -117,12 +121,22 @@ fn run_replay(args: ReplayArgs) -> Result<()> {
     let total = caps.len() * choices.len();
     for cap in &caps {
         for choice in &choices {
-            eprint!("\r[{}/{}] {} at {}      ", results.len() + 1, total, choice.name(), cap.label);
+            eprint!(
+                "\r[{}/{}] {} at {}      ",
+                results.len() + 1,
+                total,
+                choice.name(),
+                cap.label
+            );
             results.push((cap.clone(), best(choice, Some(cap.blocks))));
         }
     }
     eprintln!();
-    let peer = if args.peer { run_peer(&trace)? } else { None };
+    let peer = if args.peer {
+        run_peer(&trace, repeat)?
+    } else {
+        None
+    };
     let report = report::Report::new(&args.trace, args.block_tokens, ceiling, results, peer);
     print!("{}", report.table());
     if let Some(path) = &args.json {
@@ -133,20 +147,29 @@ fn run_replay(args: ReplayArgs) -> Result<()> {
 }
 
 #[cfg(feature = "dynamo")]
-fn run_peer(trace: &trace::Trace) -> Result<Option<report::PeerFigures>> {
+fn run_peer(trace: &trace::Trace, repeat: usize) -> Result<Option<report::PeerFigures>> {
     let requests: Vec<Vec<u64>> = trace.requests.iter().map(|r| r.hash_ids.clone()).collect();
-    let r = peer_dynamo::replay_dynamo(&requests)?;
+    let mut best: Option<peer_dynamo::PeerReplay> = None;
+    for _ in 0..repeat {
+        let r = peer_dynamo::replay_dynamo(&requests)?;
+        if best.as_ref().is_none_or(|b| r.seconds < b.seconds) {
+            best = Some(r);
+        }
+    }
+    let r = best.expect("at least one run");
+    // Block operations as for radixkv: every block looked up, plus every block stored.
+    let ops = r.blocks + (r.blocks - r.hit_blocks);
     Ok(Some(report::PeerFigures {
         name: "dynamo-kv-router 1.6.1 RadixTree".into(),
         requests: r.requests,
         hit_blocks: r.hit_blocks,
         seconds: r.seconds,
         requests_per_second: r.requests as f64 / r.seconds,
-        block_ops_per_second: r.blocks as f64 / r.seconds,
+        block_ops_per_second: ops as f64 / r.seconds,
     }))
 }
 
 #[cfg(not(feature = "dynamo"))]
-fn run_peer(_: &trace::Trace) -> Result<Option<report::PeerFigures>> {
+fn run_peer(_: &trace::Trace, _: usize) -> Result<Option<report::PeerFigures>> {
     bail!("--peer needs the peer compiled in: cargo run --release -p bench --features dynamo -- replay --peer")
 }

@@ -68,7 +68,10 @@ impl Report {
 
     /// Hit rate of the offline bound at a capacity, if it was replayed.
     pub fn belady(&self, row: &CapacityRow) -> Option<f64> {
-        row.results.iter().find(|r| r.policy == "belady").map(|r| r.hit_rate)
+        row.results
+            .iter()
+            .find(|r| r.policy == "belady")
+            .map(|r| r.hit_rate)
     }
 
     pub fn table(&self) -> String {

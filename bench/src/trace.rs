@@ -27,15 +27,22 @@ pub struct Trace {
 
 impl Trace {
     pub fn load(path: &Path) -> Result<Trace> {
-        let file = std::fs::File::open(path).with_context(|| format!("opening trace {}", path.display()))?;
+        let file = std::fs::File::open(path)
+            .with_context(|| format!("opening trace {}", path.display()))?;
         let mut requests = Vec::new();
         for (i, line) in BufReader::new(file).lines().enumerate() {
-            let line = line.with_context(|| format!("reading {} line {}", path.display(), i + 1))?;
+            let line =
+                line.with_context(|| format!("reading {} line {}", path.display(), i + 1))?;
             if line.trim().is_empty() {
                 continue;
             }
-            let req: TraceRequest = serde_json::from_str(&line)
-                .with_context(|| format!("{} line {}: not a Mooncake trace record", path.display(), i + 1))?;
+            let req: TraceRequest = serde_json::from_str(&line).with_context(|| {
+                format!(
+                    "{} line {}: not a Mooncake trace record",
+                    path.display(),
+                    i + 1
+                )
+            })?;
             requests.push(req);
         }
         if requests.is_empty() {
@@ -49,7 +56,11 @@ impl Trace {
     }
 
     pub fn distinct_blocks(&self) -> usize {
-        let mut ids: Vec<u64> = self.requests.iter().flat_map(|r| r.hash_ids.iter().copied()).collect();
+        let mut ids: Vec<u64> = self
+            .requests
+            .iter()
+            .flat_map(|r| r.hash_ids.iter().copied())
+            .collect();
         ids.sort_unstable();
         ids.dedup();
         ids.len()

@@ -31,7 +31,11 @@ pub enum IndexError {
     #[error("page is pinned by a lease")]
     Pinned,
     #[error("pin cap reached: tenant holds {pinned} pinned pages, asked for {requested} more, cap {cap}")]
-    PinCapExceeded { pinned: u64, requested: u64, cap: u64 },
+    PinCapExceeded {
+        pinned: u64,
+        requested: u64,
+        cap: u64,
+    },
     #[error("lease {0:?} has expired or was released")]
     LeaseGone(crate::LeaseId),
     #[error("lease {0:?} was never issued")]

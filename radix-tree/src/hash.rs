@@ -116,7 +116,13 @@ mod tests {
         // Pinned value: the hash is part of the on-disk and wire format.
         assert_eq!(
             PageHash(0).chain(&[1]),
-            PageHash(xxh3_128(&[0u8; 16].iter().chain(&1u32.to_le_bytes()).copied().collect::<Vec<_>>()))
+            PageHash(xxh3_128(
+                &[0u8; 16]
+                    .iter()
+                    .chain(&1u32.to_le_bytes())
+                    .copied()
+                    .collect::<Vec<_>>()
+            ))
         );
     }
 }

@@ -8,9 +8,18 @@ use crate::namespace::{NamespaceConfig, NamespaceId, NamespaceKey};
 use crate::policy::{EvictionPolicy, Lru};
 use crate::sync::{Arc, AtomicU64, OnceLock, Ordering, RwLock, RwLockWriteGuard};
 use crate::tree::{OpCtx, Tree};
-use crate::{BlockId, EvictedPage, InsertOutcome, Lease, LeaseId, Match, PageHash, PageLocation, PinKind, Tier, TIERS};
+use crate::{
+    BlockId, EvictedPage, InsertOutcome, Lease, LeaseId, Match, PageHash, PageLocation, PinKind,
+    Tier, TIERS,
+};
 use std::collections::HashMap;
 use std::time::Duration;
+
+/// A TTL in milliseconds, saturating: `as u64` would wrap a huge TTL to a
+/// short (even zero) one.
+fn ttl_ms(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)
+}
 
 /// Index-wide settings. Build with [`IndexConfig::builder`].
 #[derive(Debug, Clone)]
@@ -89,13 +98,19 @@ impl IndexConfigBuilder {
 
     pub fn build(self) -> Result<IndexConfig> {
         if self.0.max_namespaces == 0 || self.0.max_namespaces > u32::MAX as usize {
-            return Err(IndexError::InvalidConfig("max_namespaces must be in 1..=u32::MAX"));
+            return Err(IndexError::InvalidConfig(
+                "max_namespaces must be in 1..=u32::MAX",
+            ));
         }
         if self.0.max_tokens_per_call == 0 {
-            return Err(IndexError::InvalidConfig("max_tokens_per_call must be above zero"));
+            return Err(IndexError::InvalidConfig(
+                "max_tokens_per_call must be above zero",
+            ));
         }
         if self.0.max_pinned_pages_per_tenant == 0 {
-            return Err(IndexError::InvalidConfig("max_pinned_pages_per_tenant must be above zero"));
+            return Err(IndexError::InvalidConfig(
+                "max_pinned_pages_per_tenant must be above zero",
+            ));
         }
         Ok(self.0)
     }
@@ -182,7 +197,9 @@ impl Default for RadixIndex {
 impl RadixIndex {
     pub fn new(config: IndexConfig) -> Self {
         Self {
-            slots: (0..config.max_namespaces).map(|_| OnceLock::new()).collect(),
+            slots: (0..config.max_namespaces)
+                .map(|_| OnceLock::new())
+                .collect(),
             created: AtomicU64::new(0),
             config,
             registry: RwLock::new(Registry::default()),
@@ -201,7 +218,11 @@ impl RadixIndex {
 
     /// Creates a namespace, or returns the existing one with the same key
     /// (its page size must agree).
-    pub fn create_namespace(&self, key: &NamespaceKey, config: NamespaceConfig) -> Result<NamespaceId> {
+    pub fn create_namespace(
+        &self,
+        key: &NamespaceKey,
+        config: NamespaceConfig,
+    ) -> Result<NamespaceId> {
         let bytes = key.to_bytes();
         let mut reg = self.registry.write();
         if let Some(&id) = reg.by_key.get(&bytes) {
@@ -265,7 +286,9 @@ impl RadixIndex {
 
     fn entries(&self) -> impl Iterator<Item = &NamespaceEntry> {
         let created = self.created.load(Ordering::Acquire) as usize;
-        self.slots[..created].iter().filter_map(|s| s.get().map(|b| &**b))
+        self.slots[..created]
+            .iter()
+            .filter_map(|s| s.get().map(|b| &**b))
     }
 
     fn check_len(&self, tokens: &[u32]) -> Result<()> {
@@ -281,7 +304,11 @@ impl RadixIndex {
     /// Runs a mutating operation on one namespace: reclaims expired leases
     /// first, hands out an op context, keeps the tenant's pin count and
     /// emits the events the operation produced.
-    fn write_op<R>(&self, entry: &NamespaceEntry, op: impl FnOnce(&mut Tree, &mut OpCtx<'_>) -> R) -> R {
+    fn write_op<R>(
+        &self,
+        entry: &NamespaceEntry,
+        op: impl FnOnce(&mut Tree, &mut OpCtx<'_>) -> R,
+    ) -> R {
         let mut tree = entry.tree.write();
         self.write_op_locked(entry, &mut tree, op)
     }
@@ -303,12 +330,21 @@ impl RadixIndex {
         };
         let update_tenant = |before: u64, after: u64| {
             if after > before {
-                entry.tenant.pinned_pages.fetch_add(after - before, Ordering::Relaxed);
+                entry
+                    .tenant
+                    .pinned_pages
+                    .fetch_add(after - before, Ordering::Relaxed);
             } else if after < before {
-                entry.tenant.pinned_pages.fetch_sub(before - after, Ordering::Relaxed);
+                entry
+                    .tenant
+                    .pinned_pages
+                    .fetch_sub(before - after, Ordering::Relaxed);
             }
         };
-        if tree.next_expiry().is_some_and(|e| e <= self.config.clock.now_ms()) {
+        if tree
+            .next_expiry()
+            .is_some_and(|e| e <= self.config.clock.now_ms())
+        {
             tree.reclaim_expired(self.config.clock.now_ms(), &*self.config.policy);
             // Before `op` runs: a pin checks the tenant's count against its cap.
             update_tenant(pinned_before, tree.pinned_pages);
@@ -317,7 +353,9 @@ impl RadixIndex {
         let r = op(tree, &mut ctx);
         update_tenant(pinned_before, tree.pinned_pages);
         if tree.pages < pages_before {
-            self.counters.removed_pages.fetch_add(pages_before - tree.pages, Ordering::Relaxed);
+            self.counters
+                .removed_pages
+                .fetch_add(pages_before - tree.pages, Ordering::Relaxed);
         }
         if let Some(sink) = sink {
             if !events.is_empty() {
@@ -337,14 +375,21 @@ impl RadixIndex {
 
     /// [`match_prefix`](Self::match_prefix) into a caller's buffer, so a hit
     /// allocates nothing once the buffer has grown.
-    pub fn match_prefix_into(&self, ns: NamespaceId, tokens: &[u32], out: &mut Match) -> Result<()> {
+    pub fn match_prefix_into(
+        &self,
+        ns: NamespaceId,
+        tokens: &[u32],
+        out: &mut Match,
+    ) -> Result<()> {
         self.check_len(tokens)?;
         let entry = self.entry(ns)?;
         let tree = entry.tree.read();
         tree.match_into(tokens, &*self.config.policy, self.next_tick(), out);
         drop(tree);
         self.counters.lookups.fetch_add(1, Ordering::Relaxed);
-        self.counters.lookup_tokens.fetch_add(tokens.len() as u64, Ordering::Relaxed);
+        self.counters
+            .lookup_tokens
+            .fetch_add(tokens.len() as u64, Ordering::Relaxed);
         for (count, pages) in self.counters.hit_tokens.iter().zip(out.fastest_pages) {
             if pages > 0 {
                 count.fetch_add((pages * out.page_size) as u64, Ordering::Relaxed);
@@ -361,7 +406,13 @@ impl RadixIndex {
 
     /// Records `blocks` (one per whole page of `tokens`; a partial tail is
     /// ignored) as copies on `tier`. Splits edges as needed.
-    pub fn insert(&self, ns: NamespaceId, tokens: &[u32], tier: Tier, blocks: &[BlockId]) -> Result<InsertOutcome> {
+    pub fn insert(
+        &self,
+        ns: NamespaceId,
+        tokens: &[u32],
+        tier: Tier,
+        blocks: &[BlockId],
+    ) -> Result<InsertOutcome> {
         self.insert_with_priority(ns, tokens, tier, blocks, 0)
     }
 
@@ -387,8 +438,12 @@ impl RadixIndex {
         if let Some(b) = blocks.iter().find(|b| b.0 == BlockId::NONE_RAW) {
             return Err(IndexError::InvalidBlock(b.0));
         }
-        let out = self.write_op(entry, |tree, ctx| tree.insert(tokens, tier, blocks, priority, ctx));
-        self.counters.inserted_pages.fetch_add(out.new_pages as u64, Ordering::Relaxed);
+        let out = self.write_op(entry, |tree, ctx| {
+            tree.insert(tokens, tier, blocks, priority, ctx)
+        });
+        self.counters
+            .inserted_pages
+            .fetch_add(out.new_pages as u64, Ordering::Relaxed);
         Ok(out)
     }
 
@@ -407,12 +462,21 @@ impl RadixIndex {
     pub fn longest_cached_run(&self, ns: NamespaceId, hashes: &[PageHash]) -> Result<usize> {
         let entry = self.entry(ns)?;
         let tree = entry.tree.read();
-        Ok(hashes.iter().take_while(|h| tree.location_of(**h).is_some()).count())
+        Ok(hashes
+            .iter()
+            .take_while(|h| tree.location_of(**h).is_some())
+            .count())
     }
 
     /// Records a new copy of a cached page on `tier` (after a promotion or
     /// demotion wrote it there).
-    pub fn add_location(&self, ns: NamespaceId, hash: PageHash, tier: Tier, block: BlockId) -> Result<()> {
+    pub fn add_location(
+        &self,
+        ns: NamespaceId,
+        hash: PageHash,
+        tier: Tier,
+        block: BlockId,
+    ) -> Result<()> {
         if block.0 == BlockId::NONE_RAW {
             return Err(IndexError::InvalidBlock(block.0));
         }
@@ -424,10 +488,17 @@ impl RadixIndex {
     /// its last copy the page, and every page after it, leave the tree; all
     /// dropped copies are returned for the caller to free. Fails with
     /// [`IndexError::Pinned`] under a hard lease.
-    pub fn drop_location(&self, ns: NamespaceId, hash: PageHash, tier: Tier) -> Result<Vec<EvictedPage>> {
+    pub fn drop_location(
+        &self,
+        ns: NamespaceId,
+        hash: PageHash,
+        tier: Tier,
+    ) -> Result<Vec<EvictedPage>> {
         let entry = self.entry(ns)?;
         let mut out = Vec::new();
-        self.write_op(entry, |tree, ctx| tree.drop_location(hash, tier, ctx, &mut out))?;
+        self.write_op(entry, |tree, ctx| {
+            tree.drop_location(hash, tier, ctx, &mut out)
+        })?;
         Ok(out)
     }
 
@@ -439,7 +510,9 @@ impl RadixIndex {
         let mut out = Vec::new();
         let mut done = 0;
         if let [entry] = entries.as_slice() {
-            done += self.write_op(entry, |tree, ctx| tree.evict(tier, pages, u64::MAX, ctx, &mut out));
+            done += self.write_op(entry, |tree, ctx| {
+                tree.evict(tier, pages, u64::MAX, ctx, &mut out)
+            });
         } else {
             // Merge across namespaces: evict from the one with the lowest
             // rank until it passes the runner-up's.
@@ -452,7 +525,10 @@ impl RadixIndex {
                         // Expired leases must not keep pages out of (or, soft,
                         // ranked above) the merge: reclaim them first, as
                         // every write on a namespace does.
-                        if tree.next_expiry().is_some_and(|x| x <= self.config.clock.now_ms()) {
+                        if tree
+                            .next_expiry()
+                            .is_some_and(|x| x <= self.config.clock.now_ms())
+                        {
                             self.write_op_locked(e, &mut tree, |_, _| ());
                         }
                         tree.min_key(tier, &*self.config.policy)
@@ -471,7 +547,9 @@ impl RadixIndex {
                     }
                 }
                 let Some((_, i)) = best else { break };
-                let n = self.write_op(entries[i], |tree, ctx| tree.evict(tier, pages - done, second, ctx, &mut out));
+                let n = self.write_op(entries[i], |tree, ctx| {
+                    tree.evict(tier, pages - done, second, ctx, &mut out)
+                });
                 if n == 0 {
                     break;
                 }
@@ -484,23 +562,36 @@ impl RadixIndex {
 
     /// Evicts up to `pages` copies from `tier` within one namespace (a
     /// tenant over its quota evicts its own pages).
-    pub fn evict_namespace(&self, ns: NamespaceId, tier: Tier, pages: usize) -> Result<Vec<EvictedPage>> {
+    pub fn evict_namespace(
+        &self,
+        ns: NamespaceId,
+        tier: Tier,
+        pages: usize,
+    ) -> Result<Vec<EvictedPage>> {
         let entry = self.entry(ns)?;
         let mut out = Vec::new();
-        let done = self.write_op(entry, |tree, ctx| tree.evict(tier, pages, u64::MAX, ctx, &mut out));
+        let done = self.write_op(entry, |tree, ctx| {
+            tree.evict(tier, pages, u64::MAX, ctx, &mut out)
+        });
         self.counters.evicted_copies[tier.index()].fetch_add(done as u64, Ordering::Relaxed);
         Ok(out)
     }
 
     /// Pins the longest cached prefix of `tokens` for `ttl`.
-    pub fn pin(&self, ns: NamespaceId, tokens: &[u32], kind: PinKind, ttl: Duration) -> Result<Lease> {
+    pub fn pin(
+        &self,
+        ns: NamespaceId,
+        tokens: &[u32],
+        kind: PinKind,
+        ttl: Duration,
+    ) -> Result<Lease> {
         self.check_len(tokens)?;
         if ttl.is_zero() {
             return Err(IndexError::ZeroTtl);
         }
         let entry = self.entry(ns)?;
         let cap = self.config.max_pinned_pages_per_tenant;
-        let expires_ms = self.config.clock.now_ms().saturating_add(ttl.as_millis() as u64);
+        let expires_ms = self.config.clock.now_ms().saturating_add(ttl_ms(ttl));
         let tenant = &entry.tenant;
         let (id, pages) = self.write_op(entry, |tree, ctx| {
             tree.pin(tokens, kind, expires_ms, ctx.policy, |newly| {
@@ -515,7 +606,11 @@ impl RadixIndex {
                 Ok(())
             })
         })?;
-        Ok(Lease { id, pages, expires_ms })
+        Ok(Lease {
+            id,
+            pages,
+            expires_ms,
+        })
     }
 
     /// Extends a lease to `ttl` from now (keepalive).
@@ -524,7 +619,7 @@ impl RadixIndex {
             return Err(IndexError::ZeroTtl);
         }
         let entry = self.entry(lease.ns)?;
-        let expires_ms = self.config.clock.now_ms().saturating_add(ttl.as_millis() as u64);
+        let expires_ms = self.config.clock.now_ms().saturating_add(ttl_ms(ttl));
         self.write_op(entry, |tree, _| tree.renew(lease.seq, expires_ms))?;
         Ok(expires_ms)
     }
@@ -547,7 +642,9 @@ impl RadixIndex {
                     // write_op_locked reclaims expired leases before it runs
                     // its op, so count what the whole call released.
                     let before = tree.active_leases();
-                    self.write_op_locked(e, &mut tree, |tree, ctx| tree.reclaim_expired(now, ctx.policy));
+                    self.write_op_locked(e, &mut tree, |tree, ctx| {
+                        tree.reclaim_expired(now, ctx.policy)
+                    });
                     before - tree.active_leases()
                 } else {
                     0
@@ -576,7 +673,9 @@ impl RadixIndex {
 
     /// Pages held on `tier` across all namespaces.
     pub fn tier_pages(&self, tier: Tier) -> u64 {
-        self.entries().map(|e| e.tree.read().tier_pages[tier.index()]).sum()
+        self.entries()
+            .map(|e| e.tree.read().tier_pages[tier.index()])
+            .sum()
     }
 
     pub fn stats(&self) -> IndexStats {

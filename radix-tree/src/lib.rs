@@ -50,6 +50,7 @@
 //! has its own lock, taken exclusively only to create a namespace. All locks
 //! and atomics come from the `sync` module, so a model checker can swap them.
 
+mod arena;
 mod clock;
 mod error;
 mod events;

@@ -90,7 +90,10 @@ mod tests {
     #[test]
     fn page_size_is_validated() {
         assert_eq!(NamespaceConfig::new(0), Err(IndexError::InvalidPageSize(0)));
-        assert_eq!(NamespaceConfig::new(257), Err(IndexError::InvalidPageSize(257)));
+        assert_eq!(
+            NamespaceConfig::new(257),
+            Err(IndexError::InvalidPageSize(257))
+        );
         assert_eq!(NamespaceConfig::new(256).unwrap().page_size(), 256);
     }
 }

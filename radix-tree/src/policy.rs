@@ -73,10 +73,16 @@ impl NodeStats {
         self.aux.store(v, Ordering::Relaxed);
     }
 
+    /// Best effort under concurrent lookups: plain loads and stores rather
+    /// than read-modify-writes, so a hit costs no locked instruction; two
+    /// racing lookups may count as one.
     pub(crate) fn record(&self, access: Access) {
-        self.last_access.fetch_max(access.tick, Ordering::Relaxed);
+        if self.last_access() < access.tick {
+            self.last_access.store(access.tick, Ordering::Relaxed);
+        }
         if access.kind == AccessKind::Hit {
-            self.hits.fetch_add(1, Ordering::Relaxed);
+            self.hits
+                .store(self.hits().saturating_add(1), Ordering::Relaxed);
         }
     }
 }
@@ -120,6 +126,13 @@ pub trait EvictionPolicy: Send + Sync + fmt::Debug {
 
     /// The node's rank; see the module rules.
     fn key(&self, stats: &NodeStats, node: &NodeInfo) -> u64;
+
+    /// True when the key depends on which page of a node is last (through
+    /// [`NodeInfo`]), so the tree must re-rank a node after each page it
+    /// evicts from it instead of taking a run of its tail at once.
+    fn ranks_each_page(&self) -> bool {
+        false
+    }
 
     /// Called for each evicted page, with its node's rank at eviction and
     /// the index's logical time.
@@ -205,7 +218,8 @@ impl EvictionPolicy for PriorityLru {
         "priority"
     }
     fn key(&self, stats: &NodeStats, node: &NodeInfo) -> u64 {
-        (u64::from(node.priority) << (KEY_BITS - 8)) | (stats.last_access() & ((1 << (KEY_BITS - 8)) - 1))
+        (u64::from(node.priority) << (KEY_BITS - 8))
+            | (stats.last_access() & ((1 << (KEY_BITS - 8)) - 1))
     }
 }
 

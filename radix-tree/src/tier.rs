@@ -81,6 +81,11 @@ impl PageLocation {
         Tier::ALL.into_iter().find(|t| self.has(*t))
     }
 
+    /// True when the page's one copy is on `tier`.
+    pub fn only_on(&self, tier: Tier) -> bool {
+        Tier::ALL.into_iter().all(|t| self.has(t) == (t == tier))
+    }
+
     pub fn is_empty(&self) -> bool {
         self.fastest().is_none()
     }

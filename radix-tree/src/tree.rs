@@ -11,6 +11,7 @@
 //! - a lease adds one to the pin count of every node from its target to the
 //!   root (exclusive), so a pinned node's ancestors are pinned too.
 
+use crate::arena::Arena;
 use crate::error::{IndexError, Result};
 use crate::events::IndexEvent;
 use crate::hash::{edge_key, PageHash, PassThroughBuild};
@@ -169,7 +170,7 @@ pub(crate) struct Tree {
     ns: NamespaceId,
     page_size: usize,
     seed: PageHash,
-    nodes: Vec<Node>,
+    nodes: Arena<Node>,
     free: Vec<u32>,
     by_hash: HashMap<u64, u32, PassThroughBuild>,
     sets: [BTreeSet<(u64, u32)>; TIERS],
@@ -215,7 +216,11 @@ impl Tree {
             ns,
             page_size,
             seed,
-            nodes: vec![Node::new(ROOT, 0, 0)],
+            nodes: {
+                let mut nodes = Arena::new();
+                nodes.push(Node::new(ROOT, 0, 0));
+                nodes
+            },
             free: Vec::new(),
             by_hash: HashMap::default(),
             sets: Default::default(),
@@ -300,7 +305,13 @@ impl Tree {
     /// Fills `out` with the longest cached prefix of `tokens`. Records a hit
     /// on every node matched in full (not on a node matched in part: its
     /// tail was not used).
-    pub(crate) fn match_into(&self, tokens: &[u32], policy: &dyn EvictionPolicy, tick: u64, out: &mut Match) {
+    pub(crate) fn match_into(
+        &self,
+        tokens: &[u32],
+        policy: &dyn EvictionPolicy,
+        tick: u64,
+        out: &mut Match,
+    ) {
         out.reset(self.page_size);
         let access = Access {
             tick,
@@ -345,12 +356,16 @@ impl Tree {
 
     fn locate(&self, hash: PageHash) -> Option<(u32, usize)> {
         let &n = self.by_hash.get(&hash.short())?;
-        let off = self.nodes[n as usize].hashes.iter().position(|h| *h == hash)?;
+        let off = self.nodes[n as usize]
+            .hashes
+            .iter()
+            .position(|h| *h == hash)?;
         Some((n, off))
     }
 
     pub(crate) fn location_of(&self, hash: PageHash) -> Option<PageLocation> {
-        self.locate(hash).map(|(n, off)| self.nodes[n as usize].locs[off])
+        self.locate(hash)
+            .map(|(n, off)| self.nodes[n as usize].locs[off])
     }
 
     /// The parent page of a page: `None` for a namespace's first page.
@@ -370,8 +385,7 @@ impl Tree {
             self.nodes[i as usize] = node;
             i
         } else {
-            self.nodes.push(node);
-            (self.nodes.len() - 1) as u32
+            self.nodes.push(node) as u32
         }
     }
 
@@ -387,7 +401,11 @@ impl Tree {
 
     fn should_be_in_set(&self, n: u32, t: usize) -> bool {
         let node = &self.nodes[n as usize];
-        n != ROOT && node.alive && node.tier_pages[t] > 0 && node.tier_children[t] == 0 && node.hard_pins == 0
+        n != ROOT
+            && node.alive
+            && node.tier_pages[t] > 0
+            && node.tier_children[t] == 0
+            && node.hard_pins == 0
     }
 
     /// Puts `n` into or out of tier `t`'s eviction set as its state says.
@@ -613,7 +631,14 @@ impl Tree {
         out.cached_pages = page;
         if page < total {
             out.new_pages = total - page;
-            self.append_new(node, &tokens[page * ps..total * ps], &blocks[page..total], tier, priority, ctx);
+            self.append_new(
+                node,
+                &tokens[page * ps..total * ps],
+                &blocks[page..total],
+                tier,
+                priority,
+                ctx,
+            );
         }
         out
     }
@@ -657,7 +682,11 @@ impl Tree {
         if ctx.events.is_some() {
             for i in 0..pages {
                 let hash = self.nodes[n as usize].hashes[i];
-                let parent_hash = if i == 0 { first_parent } else { Some(self.nodes[n as usize].hashes[i - 1]) };
+                let parent_hash = if i == 0 {
+                    first_parent
+                } else {
+                    Some(self.nodes[n as usize].hashes[i - 1])
+                };
                 ctx.emit(IndexEvent::Stored {
                     ns: self.ns,
                     hash,
@@ -682,7 +711,13 @@ impl Tree {
 
     // ---- locations ----------------------------------------------------------
 
-    pub(crate) fn add_location(&mut self, hash: PageHash, tier: Tier, block: BlockId, ctx: &mut OpCtx<'_>) -> Result<()> {
+    pub(crate) fn add_location(
+        &mut self,
+        hash: PageHash,
+        tier: Tier,
+        block: BlockId,
+        ctx: &mut OpCtx<'_>,
+    ) -> Result<()> {
         let (n, off) = self.locate(hash).ok_or(IndexError::UnknownPage(hash))?;
         let t = tier.index();
         if self.nodes[n as usize].locs[off].has(tier) {
@@ -723,7 +758,14 @@ impl Tree {
         Ok(())
     }
 
-    fn drop_copy(&mut self, n: u32, off: usize, tier: Tier, ctx: &mut OpCtx<'_>, out: &mut Vec<EvictedPage>) {
+    fn drop_copy(
+        &mut self,
+        n: u32,
+        off: usize,
+        tier: Tier,
+        ctx: &mut OpCtx<'_>,
+        out: &mut Vec<EvictedPage>,
+    ) {
         let t = tier.index();
         let node = &self.nodes[n as usize];
         let loc = node.locs[off];
@@ -743,7 +785,11 @@ impl Tree {
         self.nodes[n as usize].locs[off] = remaining;
         self.nodes[n as usize].tier_pages[t] -= 1;
         self.tier_pages[t] -= 1;
-        ctx.emit(IndexEvent::Removed { ns: self.ns, hash, tier });
+        ctx.emit(IndexEvent::Removed {
+            ns: self.ns,
+            hash,
+            tier,
+        });
         out.push(EvictedPage {
             ns: self.ns,
             hash,
@@ -756,7 +802,11 @@ impl Tree {
     /// Removes pages `off..` of node `n` and every descendant.
     fn remove_from(&mut self, n: u32, off: usize, ctx: &mut OpCtx<'_>, out: &mut Vec<EvictedPage>) {
         let before = self.presence(n);
-        let survivor = if off > 0 { n } else { self.nodes[n as usize].parent };
+        let survivor = if off > 0 {
+            n
+        } else {
+            self.nodes[n as usize].parent
+        };
         let children = std::mem::take(&mut self.nodes[n as usize].children);
         let mut stack: Vec<u32> = children.into_iter().map(|(_, c)| c).collect();
         while let Some(d) = stack.pop() {
@@ -769,7 +819,9 @@ impl Tree {
         if off == 0 {
             let parent = self.nodes[n as usize].parent;
             let parent_before = self.presence(parent);
-            self.nodes[parent as usize].children.retain(|&(_, c)| c != n);
+            self.nodes[parent as usize]
+                .children
+                .retain(|&(_, c)| c != n);
             for t in 0..TIERS {
                 if before[t] {
                     self.nodes[parent as usize].tier_children[t] -= 1;
@@ -796,7 +848,11 @@ impl Tree {
                 node.tier_pages[tier.index()] -= 1;
                 self.tier_pages[tier.index()] -= 1;
                 if let Some(events) = ctx.events.as_deref_mut() {
-                    events.push(IndexEvent::Removed { ns: self.ns, hash, tier });
+                    events.push(IndexEvent::Removed {
+                        ns: self.ns,
+                        hash,
+                        tier,
+                    });
                 }
             }
             if self.by_hash.get(&hash.short()) == Some(&n) {
@@ -868,12 +924,31 @@ impl Tree {
                 break;
             }
             let node = &self.nodes[n as usize];
-            let off = node
+            let len = node.pages();
+            // Fast path: the tail pages of a childless node whose only copy
+            // is on this tier leave together, unless the policy ranks each
+            // page on its own.
+            let mut run = 0;
+            if node.children.is_empty() && !ctx.policy.ranks_each_page() {
+                while run < pages - done && run < len && node.locs[len - 1 - run].only_on(tier) {
+                    run += 1;
+                }
+            }
+            let info = self.info(n);
+            for _ in 0..run.max(1) {
+                ctx.policy
+                    .on_evict(&self.nodes[n as usize].stats, &info, key, ctx.tick);
+            }
+            if run > 0 {
+                self.remove_from(n, len - run, ctx, out);
+                done += run;
+                continue;
+            }
+            let off = self.nodes[n as usize]
                 .locs
                 .iter()
                 .rposition(|l| l.has(tier))
                 .expect("a node in a tier's set holds a copy on it");
-            ctx.policy.on_evict(&self.nodes[n as usize].stats, &self.info(n), key, ctx.tick);
             let before = out.len();
             self.drop_copy(n, off, tier, ctx, out);
             done += out[before..].iter().filter(|e| e.dropped.has(tier)).count();
@@ -914,7 +989,11 @@ impl Tree {
         while n != ROOT {
             let node = &self.nodes[n as usize];
             if !node.pinned() {
-                let pages = if n == target { partial.unwrap_or(node.pages()) } else { node.pages() };
+                let pages = if n == target {
+                    partial.unwrap_or(node.pages())
+                } else {
+                    node.pages()
+                };
                 newly += pages as u64;
             }
             n = node.parent;
@@ -1048,7 +1127,11 @@ impl Tree {
         for seq in seqs {
             let _ = self.release(seq, ctx.policy);
         }
-        let children: Vec<u32> = self.nodes[ROOT as usize].children.iter().map(|&(_, c)| c).collect();
+        let children: Vec<u32> = self.nodes[ROOT as usize]
+            .children
+            .iter()
+            .map(|&(_, c)| c)
+            .collect();
         for c in children {
             self.remove_from(c, 0, ctx, out);
         }
@@ -1059,7 +1142,7 @@ impl Tree {
     pub(crate) fn heap_bytes(&self) -> usize {
         let nodes: usize = self.nodes.iter().map(Node::heap_bytes).sum();
         nodes
-            + self.nodes.capacity() * std::mem::size_of::<Node>()
+            + self.nodes.capacity_bytes()
             + self.free.capacity() * 4
             + self.by_hash.capacity() * (std::mem::size_of::<(u64, u32)>() + 1)
             + self.sets.iter().map(|s| s.len() * 24).sum::<usize>()
@@ -1086,16 +1169,25 @@ impl Tree {
                 assert_eq!(node.tokens.len(), node.pages() * ps);
                 assert_eq!(node.locs.len(), node.pages());
                 let parent = &self.nodes[node.parent as usize];
-                assert!(parent.children.iter().any(|&(_, c)| c == n), "node {n} not among its parent's children");
+                assert!(
+                    parent.children.iter().any(|&(_, c)| c == n),
+                    "node {n} not among its parent's children"
+                );
                 assert_eq!(node.depth_pages, parent.depth_pages + parent.pages() as u32);
-                assert!(parent.hard_pins >= node.hard_pins || node.parent == ROOT, "pin path broken at {n}");
+                assert!(
+                    parent.hard_pins >= node.hard_pins || node.parent == ROOT,
+                    "pin path broken at {n}"
+                );
             }
             let mut h = parent_hash;
             for (i, page) in node.tokens.chunks_exact(ps).enumerate() {
                 h = h.chain(page);
                 assert_eq!(node.hashes[i], h, "page hash chain broken in node {n}");
                 assert!(!node.locs[i].is_empty(), "page without a copy in node {n}");
-                assert!(self.locate(h).is_some(), "page of node {n} not in the hash map");
+                assert!(
+                    self.locate(h).is_some(),
+                    "page of node {n} not in the hash map"
+                );
             }
             seen_pages += node.pages() as u64;
             if node.pinned() && n != ROOT {
@@ -1112,10 +1204,17 @@ impl Tree {
                     .count() as u32;
                 assert_eq!(node.tier_children[t], kids, "tier_children of node {n}");
                 let in_set = node.set_key[t] != NOT_IN_SET;
-                assert_eq!(in_set, self.should_be_in_set(n, t), "set membership of node {n} tier {t}");
+                assert_eq!(
+                    in_set,
+                    self.should_be_in_set(n, t),
+                    "set membership of node {n} tier {t}"
+                );
                 if in_set {
                     assert!(self.sets[t].contains(&(node.set_key[t], n)));
-                    assert!(node.set_key[t] <= self.full_key(n, policy), "set key above current rank");
+                    assert!(
+                        node.set_key[t] <= self.full_key(n, policy),
+                        "set key above current rank"
+                    );
                 }
             }
             let mut last_key = 0;
