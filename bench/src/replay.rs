@@ -110,14 +110,23 @@ pub fn replay(
             .expect("valid request");
         hit_blocks += m.pages as u64;
         total_blocks += tokens.len() as u64;
-        index
-            .insert(ns, tokens, Tier::Host, &blocks[..tokens.len()])
-            .expect("valid request");
+        // Store what the lookup missed, after the page where the hit ended.
+        let stored = index
+            .insert_after(
+                ns,
+                m.last_page,
+                &tokens[m.pages..],
+                Tier::Host,
+                &blocks[m.pages..tokens.len()],
+            )
+            .expect("the hit's last page is cached: nothing ran in between");
         if let Some(cap) = capacity_blocks {
             let held = index.tier_pages(Tier::Host);
             if held > cap {
+                // The running request's pages are never the ones evicted.
+                let last = stored.last_page.expect("the request has whole pages");
                 let lease = index
-                    .pin(ns, tokens, PinKind::Lease, Duration::from_secs(3600))
+                    .pin_page(ns, last, PinKind::Lease, Duration::from_secs(3600))
                     .expect("the request was just inserted");
                 evicted += index.evict(Tier::Host, (held - cap) as usize).len() as u64;
                 index.release(lease.id).expect("lease is live");

@@ -49,9 +49,20 @@ impl PageHash {
         PageHash(xxh3_128(fill(&mut buf, self, tokens)))
     }
 
-    /// The low 64 bits, used as a hash-map key.
-    pub(crate) fn short(self) -> u64 {
-        self.0 as u64
+    /// The low 64 bits, as a hash-map key.
+    pub(crate) fn short(self) -> ShortHash {
+        ShortHash([self.0 as u32, (self.0 >> 32) as u32])
+    }
+}
+
+/// The low 64 bits of a page hash, stored as two `u32`s so that a map entry
+/// with a `u32` value packs into 12 bytes instead of 16.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct ShortHash([u32; 2]);
+
+impl std::hash::Hash for ShortHash {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(u64::from(self.0[0]) | (u64::from(self.0[1]) << 32));
     }
 }
 
@@ -75,11 +86,20 @@ pub(crate) fn edge_key(first_page: &[u32]) -> u64 {
     if let [t] = first_page {
         return u64::from(*t);
     }
+    const SMALL: usize = 16;
+    if first_page.len() <= SMALL {
+        let mut buf = [0u8; 4 * SMALL];
+        return xxh3_64(le_bytes(&mut buf, first_page));
+    }
     let mut buf = [0u8; 4 * crate::MAX_PAGE_SIZE];
-    for (chunk, t) in buf.chunks_exact_mut(4).zip(first_page) {
+    xxh3_64(le_bytes(&mut buf, first_page))
+}
+
+fn le_bytes<'a>(buf: &'a mut [u8], tokens: &[u32]) -> &'a [u8] {
+    for (chunk, t) in buf.chunks_exact_mut(4).zip(tokens) {
         chunk.copy_from_slice(&t.to_le_bytes());
     }
-    xxh3_64(&buf[..4 * first_page.len()])
+    &buf[..4 * tokens.len()]
 }
 
 /// A hasher for maps keyed by values that are already uniformly random.

@@ -426,8 +426,48 @@ impl RadixIndex {
         blocks: &[BlockId],
         priority: u8,
     ) -> Result<InsertOutcome> {
-        self.check_len(tokens)?;
         let entry = self.entry(ns)?;
+        self.check_insert(entry, tokens, blocks)?;
+        let out = self.write_op(entry, |tree, ctx| {
+            tree.insert(tokens, tier, blocks, priority, ctx)
+        });
+        self.counters
+            .inserted_pages
+            .fetch_add(out.new_pages as u64, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    /// Inserts the pages that follow the cached page `parent` (`None`: the
+    /// namespace's first pages): after a lookup, an engine stores what it
+    /// computed beyond the hit without the index walking the prefix again.
+    /// `tokens` and `blocks` cover only the new pages. Fails with
+    /// [`IndexError::UnknownPage`] if `parent` is no longer cached.
+    pub fn insert_after(
+        &self,
+        ns: NamespaceId,
+        parent: Option<PageHash>,
+        tokens: &[u32],
+        tier: Tier,
+        blocks: &[BlockId],
+    ) -> Result<InsertOutcome> {
+        let entry = self.entry(ns)?;
+        self.check_insert(entry, tokens, blocks)?;
+        let out = self.write_op(entry, |tree, ctx| {
+            tree.insert_after(parent, tokens, tier, blocks, 0, ctx)
+        })?;
+        self.counters
+            .inserted_pages
+            .fetch_add(out.new_pages as u64, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    fn check_insert(
+        &self,
+        entry: &NamespaceEntry,
+        tokens: &[u32],
+        blocks: &[BlockId],
+    ) -> Result<()> {
+        self.check_len(tokens)?;
         let pages = tokens.len() / entry.page_size;
         if blocks.len() != pages {
             return Err(IndexError::BlockCountMismatch {
@@ -438,13 +478,7 @@ impl RadixIndex {
         if let Some(b) = blocks.iter().find(|b| b.0 == BlockId::NONE_RAW) {
             return Err(IndexError::InvalidBlock(b.0));
         }
-        let out = self.write_op(entry, |tree, ctx| {
-            tree.insert(tokens, tier, blocks, priority, ctx)
-        });
-        self.counters
-            .inserted_pages
-            .fetch_add(out.new_pages as u64, Ordering::Relaxed);
-        Ok(out)
+        Ok(())
     }
 
     /// Chained hashes of every whole page of `tokens` in this namespace.
@@ -586,6 +620,37 @@ impl RadixIndex {
         ttl: Duration,
     ) -> Result<Lease> {
         self.check_len(tokens)?;
+        self.pin_with(ns, ttl, |tree, expires_ms, policy, admit| {
+            tree.pin(tokens, kind, expires_ms, policy, admit)
+        })
+    }
+
+    /// Pins the path from the namespace's first page to the page `hash`
+    /// (for example an insert's `last_page`) for `ttl`.
+    pub fn pin_page(
+        &self,
+        ns: NamespaceId,
+        hash: PageHash,
+        kind: PinKind,
+        ttl: Duration,
+    ) -> Result<Lease> {
+        self.pin_with(ns, ttl, |tree, expires_ms, policy, admit| {
+            tree.pin_page(hash, kind, expires_ms, policy, admit)
+        })
+    }
+
+    /// Runs a pin under the tenant's cap.
+    fn pin_with(
+        &self,
+        ns: NamespaceId,
+        ttl: Duration,
+        pin: impl FnOnce(
+            &mut Tree,
+            u64,
+            &dyn EvictionPolicy,
+            &dyn Fn(u64) -> Result<()>,
+        ) -> Result<(LeaseId, usize)>,
+    ) -> Result<Lease> {
         if ttl.is_zero() {
             return Err(IndexError::ZeroTtl);
         }
@@ -593,19 +658,19 @@ impl RadixIndex {
         let cap = self.config.max_pinned_pages_per_tenant;
         let expires_ms = self.config.clock.now_ms().saturating_add(ttl_ms(ttl));
         let tenant = &entry.tenant;
-        let (id, pages) = self.write_op(entry, |tree, ctx| {
-            tree.pin(tokens, kind, expires_ms, ctx.policy, |newly| {
-                let pinned = tenant.pinned_pages.load(Ordering::Relaxed);
-                if pinned.saturating_add(newly) > cap {
-                    return Err(IndexError::PinCapExceeded {
-                        pinned,
-                        requested: newly,
-                        cap,
-                    });
-                }
-                Ok(())
-            })
-        })?;
+        let admit = |newly: u64| {
+            let pinned = tenant.pinned_pages.load(Ordering::Relaxed);
+            if pinned.saturating_add(newly) > cap {
+                return Err(IndexError::PinCapExceeded {
+                    pinned,
+                    requested: newly,
+                    cap,
+                });
+            }
+            Ok(())
+        };
+        let (id, pages) =
+            self.write_op(entry, |tree, ctx| pin(tree, expires_ms, ctx.policy, &admit))?;
         Ok(Lease {
             id,
             pages,

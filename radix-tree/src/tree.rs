@@ -14,7 +14,7 @@
 use crate::arena::Arena;
 use crate::error::{IndexError, Result};
 use crate::events::IndexEvent;
-use crate::hash::{edge_key, PageHash, PassThroughBuild};
+use crate::hash::{edge_key, PageHash, PassThroughBuild, ShortHash};
 use crate::policy::{Access, AccessKind, EvictionPolicy, NodeInfo, NodeStats, KEY_BITS, KEY_MAX};
 use crate::{BlockId, LeaseId, NamespaceId, PageLocation, PinKind, Tier, TIERS};
 use std::collections::{BTreeSet, HashMap};
@@ -28,8 +28,8 @@ pub(crate) struct Node {
     alive: bool,
     depth_pages: u32,
     tokens: Vec<u32>,
-    hashes: Vec<PageHash>,
-    locs: Vec<PageLocation>,
+    /// One slot per page: its hash and where its copies are.
+    slots: Vec<PageSlot>,
     /// Sorted by edge key (the first page's key); equal keys are possible.
     children: Vec<(u64, u32)>,
     stats: NodeStats,
@@ -49,8 +49,7 @@ impl Node {
             alive: true,
             depth_pages,
             tokens: Vec::new(),
-            hashes: Vec::new(),
-            locs: Vec::new(),
+            slots: Vec::new(),
             children: Vec::new(),
             stats: NodeStats::new(tick),
             priority: 0,
@@ -64,7 +63,21 @@ impl Node {
     }
 
     fn pages(&self) -> usize {
-        self.hashes.len()
+        self.slots.len()
+    }
+
+    /// A split half inherits the node's pins and access statistics: every
+    /// lease and access that covered the node covered both halves.
+    fn copy_pins_and_stats(&mut self, from: &Node) {
+        self.stats = NodeStats::copy_from(&from.stats);
+        self.priority = from.priority;
+        self.hard_pins = from.hard_pins;
+        self.soft_pins = from.soft_pins;
+        self.soft_priority = from.soft_priority;
+    }
+
+    fn last_hash(&self) -> Option<PageHash> {
+        self.slots.last().map(PageSlot::hash)
     }
 
     fn has_subtree_copy(&self, t: usize) -> bool {
@@ -77,8 +90,7 @@ impl Node {
 
     fn heap_bytes(&self) -> usize {
         self.tokens.capacity() * 4
-            + self.hashes.capacity() * std::mem::size_of::<PageHash>()
-            + self.locs.capacity() * std::mem::size_of::<PageLocation>()
+            + self.slots.capacity() * std::mem::size_of::<PageSlot>()
             + self.children.capacity() * std::mem::size_of::<(u64, u32)>()
     }
 }
@@ -86,10 +98,37 @@ impl Node {
 /// Gives back a node's spare capacity once it is at least half wasted, so
 /// memory stays near the live size without a reallocation per evicted page.
 fn trim(node: &mut Node) {
-    if node.hashes.capacity() >= 2 * node.hashes.len().max(1) {
+    if node.slots.capacity() >= 2 * node.slots.len().max(1) {
         node.tokens.shrink_to_fit();
-        node.hashes.shrink_to_fit();
-        node.locs.shrink_to_fit();
+        node.slots.shrink_to_fit();
+    }
+}
+
+/// A page's hash and locations, packed to 28 bytes (a `u128` field would
+/// align the slot to 32).
+#[derive(Debug, Clone, Copy)]
+struct PageSlot {
+    hash: [u32; 4],
+    loc: PageLocation,
+}
+
+impl PageSlot {
+    fn new(hash: PageHash, loc: PageLocation) -> Self {
+        let h = hash.0;
+        Self {
+            hash: [
+                h as u32,
+                (h >> 32) as u32,
+                (h >> 64) as u32,
+                (h >> 96) as u32,
+            ],
+            loc,
+        }
+    }
+
+    fn hash(&self) -> PageHash {
+        let [a, b, c, d] = self.hash.map(u128::from);
+        PageHash(a | (b << 32) | (c << 64) | (d << 96))
     }
 }
 
@@ -147,6 +186,8 @@ pub struct InsertOutcome {
     /// Caller blocks the index did not take because the page already had a
     /// copy on that tier: the caller frees them.
     pub rejected: Vec<BlockId>,
+    /// Hash of the last whole page of the inserted prompt.
+    pub last_page: Option<PageHash>,
 }
 
 /// One page copy (or several) that left the index.
@@ -172,7 +213,7 @@ pub(crate) struct Tree {
     seed: PageHash,
     nodes: Arena<Node>,
     free: Vec<u32>,
-    by_hash: HashMap<u64, u32, PassThroughBuild>,
+    by_hash: HashMap<ShortHash, u32, PassThroughBuild>,
     sets: [BTreeSet<(u64, u32)>; TIERS],
     leases: HashMap<u64, LeaseRecord>,
     lease_expiry: BTreeSet<(u64, u64)>,
@@ -251,13 +292,19 @@ impl Tree {
     /// Whole pages in common between an edge and the rest of a prompt,
     /// given that their first pages are equal.
     fn common_pages(&self, edge: &[u32], rest: &[u32]) -> usize {
-        let len = edge.len().min(rest.len()) / self.page_size * self.page_size;
-        let equal = edge[..len]
+        let ps = self.page_size;
+        let len = edge.len().min(rest.len()) / ps * ps;
+        // Whole runs compare with memcmp; find the first differing page only
+        // when they differ.
+        if edge[..len] == rest[..len] {
+            return len / ps;
+        }
+        let first_diff = edge[..len]
             .iter()
             .zip(&rest[..len])
             .position(|(a, b)| a != b)
             .unwrap_or(len);
-        equal / self.page_size
+        first_diff / ps
     }
 
     fn info(&self, n: u32) -> NodeInfo {
@@ -267,8 +314,8 @@ impl Tree {
             pages: node.pages() as u32,
             page_size: self.page_size as u32,
             priority: node.priority,
-            last_page: node.hashes.last().copied().unwrap_or(self.seed),
-            first_page: node.hashes.first().copied().unwrap_or(self.seed),
+            last_page: node.last_hash().unwrap_or(self.seed),
+            first_page: node.slots.first().map_or(self.seed, PageSlot::hash),
         }
     }
 
@@ -319,7 +366,7 @@ impl Tree {
         };
         self.walk(tokens, |n, count, full| {
             let node = &self.nodes[n as usize];
-            for loc in &node.locs[..count] {
+            for loc in node.slots[..count].iter().map(|s| &s.loc) {
                 for t in 0..TIERS {
                     out.tier_pages[t] += usize::from(loc.has(Tier::ALL[t]));
                 }
@@ -327,9 +374,10 @@ impl Tree {
                     out.fastest_pages[t.index()] += 1;
                 }
             }
-            out.locations.extend_from_slice(&node.locs[..count]);
+            out.locations
+                .extend(node.slots[..count].iter().map(|s| s.loc));
             out.pages += count;
-            out.last_page = Some(node.hashes[count - 1]);
+            out.last_page = Some(node.slots[count - 1].hash());
             if full {
                 self.touch(n, policy, access);
             }
@@ -357,24 +405,24 @@ impl Tree {
     fn locate(&self, hash: PageHash) -> Option<(u32, usize)> {
         let &n = self.by_hash.get(&hash.short())?;
         let off = self.nodes[n as usize]
-            .hashes
+            .slots
             .iter()
-            .position(|h| *h == hash)?;
+            .position(|s| s.hash() == hash)?;
         Some((n, off))
     }
 
     pub(crate) fn location_of(&self, hash: PageHash) -> Option<PageLocation> {
         self.locate(hash)
-            .map(|(n, off)| self.nodes[n as usize].locs[off])
+            .map(|(n, off)| self.nodes[n as usize].slots[off].loc)
     }
 
     /// The parent page of a page: `None` for a namespace's first page.
     fn parent_hash(&self, n: u32, off: usize) -> Option<PageHash> {
         if off > 0 {
-            return Some(self.nodes[n as usize].hashes[off - 1]);
+            return Some(self.nodes[n as usize].slots[off - 1].hash());
         }
         let p = self.nodes[n as usize].parent;
-        self.nodes[p as usize].hashes.last().copied()
+        self.nodes[p as usize].last_hash()
     }
 
     // ---- allocation and eviction sets -----------------------------------
@@ -507,38 +555,45 @@ impl Tree {
 
     // ---- insert -----------------------------------------------------------
 
-    /// Splits `n` after `at` pages: a new node takes the head and sits
-    /// between `n` and its parent, so leases that target `n` stay valid.
+    /// Splits `n` after `at` pages and returns the node that holds the head.
+    /// The smaller side moves into a new node, so the cost (copying pages,
+    /// re-pointing their hash entries) is that of the smaller side.
     fn split(&mut self, n: u32, at: usize, policy: &dyn EvictionPolicy) -> u32 {
+        if 2 * at >= self.nodes[n as usize].pages() {
+            self.split_moving_tail(n, at, policy);
+            n
+        } else {
+            self.split_moving_head(n, at, policy)
+        }
+    }
+
+    /// A new node takes the head and sits between `n` and its parent.
+    fn split_moving_head(&mut self, n: u32, at: usize, policy: &dyn EvictionPolicy) -> u32 {
         let ps = self.page_size;
         let old = &mut self.nodes[n as usize];
         debug_assert!(at > 0 && at < old.pages());
         let mut head = Node::new(old.parent, old.depth_pages, 0);
-        head.stats = NodeStats::copy_from(&old.stats);
-        head.priority = old.priority;
-        head.hard_pins = old.hard_pins;
-        head.soft_pins = old.soft_pins;
-        head.soft_priority = old.soft_priority;
+        head.copy_pins_and_stats(old);
         head.tokens = old.tokens[..at * ps].to_vec();
-        head.hashes = old.hashes[..at].to_vec();
-        head.locs = old.locs[..at].to_vec();
+        head.slots = old.slots[..at].to_vec();
         old.tokens.drain(..at * ps);
-        old.hashes.drain(..at);
-        old.locs.drain(..at);
+        old.slots.drain(..at);
         trim(old);
         old.depth_pages += at as u32;
         for t in 0..TIERS {
-            let moved = head.locs.iter().filter(|l| l.has(Tier::ALL[t])).count() as u32;
+            let moved = head
+                .slots
+                .iter()
+                .filter(|s| s.loc.has(Tier::ALL[t]))
+                .count() as u32;
             head.tier_pages[t] = moved;
             old.tier_pages[t] -= moved;
         }
         let parent = old.parent;
         let tail_key = edge_key(&old.tokens[..ps]);
-        let tail_presence: [bool; TIERS] = std::array::from_fn(|t| old.has_subtree_copy(t));
         for t in 0..TIERS {
-            head.tier_children[t] = u32::from(tail_presence[t]);
+            head.tier_children[t] = u32::from(old.has_subtree_copy(t));
         }
-        let head_hashes = head.hashes.clone();
         let h = self.alloc(head);
         self.nodes[h as usize].children.push((tail_key, n));
         self.nodes[n as usize].parent = h;
@@ -547,18 +602,73 @@ impl Tree {
                 slot.1 = h;
             }
         }
-        for hash in head_hashes {
-            if let Some(v) = self.by_hash.get_mut(&hash.short()) {
-                if *v == n {
-                    *v = h;
-                }
-            }
-        }
+        self.repoint_hashes(h, n);
         for t in 0..TIERS {
             self.refresh(n, t, policy);
             self.refresh(h, t, policy);
         }
         h
+    }
+
+    /// A new node takes the tail and `n`'s children; leases that targeted
+    /// `n` now target the new node, the deepest part of what they pinned.
+    fn split_moving_tail(&mut self, n: u32, at: usize, policy: &dyn EvictionPolicy) {
+        let ps = self.page_size;
+        let old = &mut self.nodes[n as usize];
+        debug_assert!(at > 0 && at < old.pages());
+        let mut tail = Node::new(n, old.depth_pages + at as u32, 0);
+        tail.copy_pins_and_stats(old);
+        tail.tokens = old.tokens.split_off(at * ps);
+        tail.slots = old.slots.split_off(at);
+        trim(old);
+        tail.children = std::mem::take(&mut old.children);
+        tail.tier_children = old.tier_children;
+        for t in 0..TIERS {
+            let moved = tail
+                .slots
+                .iter()
+                .filter(|s| s.loc.has(Tier::ALL[t]))
+                .count() as u32;
+            tail.tier_pages[t] = moved;
+            old.tier_pages[t] -= moved;
+            old.tier_children[t] = u32::from(tail.has_subtree_copy(t));
+        }
+        let pinned = old.pinned();
+        let tail_key = edge_key(&tail.tokens[..ps]);
+        let t_id = self.alloc(tail);
+        for i in 0..self.nodes[t_id as usize].children.len() {
+            let c = self.nodes[t_id as usize].children[i].1;
+            self.nodes[c as usize].parent = t_id;
+        }
+        self.nodes[n as usize].children.push((tail_key, t_id));
+        self.repoint_hashes(t_id, n);
+        if pinned {
+            for rec in self.leases.values_mut() {
+                if rec.target == n {
+                    rec.target = t_id;
+                }
+            }
+            if let Some(pins) = self.soft_targets.remove(&n) {
+                self.soft_targets.insert(t_id, pins);
+            }
+        }
+        for t in 0..TIERS {
+            self.refresh(n, t, policy);
+            self.refresh(t_id, t, policy);
+        }
+        // `n`'s last page changed: policies may rank it differently.
+        self.rekey_in_sets(n, policy);
+    }
+
+    /// Hash entries of `to`'s pages that still name `from` now name `to`.
+    fn repoint_hashes(&mut self, to: u32, from: u32) {
+        for slot in &self.nodes[to as usize].slots {
+            if let Some(v) = self.by_hash.get_mut(&slot.hash().short()) {
+                if *v == from {
+                    *v = to;
+                }
+            }
+        }
     }
 
     fn add_child(&mut self, parent: u32, child: u32) {
@@ -576,6 +686,50 @@ impl Tree {
         priority: u8,
         ctx: &mut OpCtx<'_>,
     ) -> InsertOutcome {
+        self.insert_from(ROOT, tokens, tier, blocks, priority, ctx)
+    }
+
+    /// Inserts the pages that follow the cached page `parent` (`None`: the
+    /// namespace's first pages), without walking the prefix again.
+    pub(crate) fn insert_after(
+        &mut self,
+        parent: Option<PageHash>,
+        tokens: &[u32],
+        tier: Tier,
+        blocks: &[BlockId],
+        priority: u8,
+        ctx: &mut OpCtx<'_>,
+    ) -> Result<InsertOutcome> {
+        let start = match parent {
+            None => ROOT,
+            Some(hash) => {
+                let (n, off) = self.locate(hash).ok_or(IndexError::UnknownPage(hash))?;
+                let n = if off + 1 < self.nodes[n as usize].pages() {
+                    self.split(n, off + 1, ctx.policy)
+                } else {
+                    n
+                };
+                let access = Access {
+                    tick: ctx.tick,
+                    kind: AccessKind::Insert,
+                };
+                self.touch(n, ctx.policy, access);
+                self.rekey_in_sets(n, ctx.policy);
+                n
+            }
+        };
+        Ok(self.insert_from(start, tokens, tier, blocks, priority, ctx))
+    }
+
+    fn insert_from(
+        &mut self,
+        start: u32,
+        tokens: &[u32],
+        tier: Tier,
+        blocks: &[BlockId],
+        priority: u8,
+        ctx: &mut OpCtx<'_>,
+    ) -> InsertOutcome {
         let ps = self.page_size;
         let total = tokens.len() / ps;
         let t = tier.index();
@@ -584,7 +738,7 @@ impl Tree {
             tick: ctx.tick,
             kind: AccessKind::Insert,
         };
-        let mut node = ROOT;
+        let mut node = start;
         let mut page = 0;
         while page < total {
             let rest = &tokens[page * ps..total * ps];
@@ -599,7 +753,7 @@ impl Tree {
             let mut adopted = false;
             for off in 0..n {
                 let block = blocks[page + off];
-                let loc = &mut self.nodes[child as usize].locs[off];
+                let loc = &mut self.nodes[child as usize].slots[off].loc;
                 if let Some(existing) = loc.get(tier) {
                     if existing != block {
                         out.rejected.push(block);
@@ -610,7 +764,7 @@ impl Tree {
                 loc.set(tier, Some(block));
                 self.nodes[child as usize].tier_pages[t] += 1;
                 self.tier_pages[t] += 1;
-                let hash = self.nodes[child as usize].hashes[off];
+                let hash = self.nodes[child as usize].slots[off].hash();
                 let parent = self.parent_hash(child, off);
                 ctx.emit(IndexEvent::Stored {
                     ns: self.ns,
@@ -631,7 +785,7 @@ impl Tree {
         out.cached_pages = page;
         if page < total {
             out.new_pages = total - page;
-            self.append_new(
+            node = self.append_new(
                 node,
                 &tokens[page * ps..total * ps],
                 &blocks[page..total],
@@ -640,6 +794,7 @@ impl Tree {
                 ctx,
             );
         }
+        out.last_page = self.nodes[node as usize].last_hash();
         out
     }
 
@@ -652,40 +807,37 @@ impl Tree {
         tier: Tier,
         priority: u8,
         ctx: &mut OpCtx<'_>,
-    ) {
+    ) -> u32 {
         let ps = self.page_size;
         let pages = tokens.len() / ps;
         let t = tier.index();
         let parent_node = &self.nodes[parent as usize];
         let depth = parent_node.depth_pages + parent_node.pages() as u32;
-        let mut prev = parent_node.hashes.last().copied().unwrap_or(self.seed);
+        let mut prev = parent_node.last_hash().unwrap_or(self.seed);
         let parent_before = self.presence(parent);
         let mut node = Node::new(parent, depth, ctx.tick);
         node.priority = priority;
         node.tokens = tokens.to_vec();
-        node.hashes = Vec::with_capacity(pages);
-        node.locs = Vec::with_capacity(pages);
+        node.slots = Vec::with_capacity(pages);
         let first_parent = (parent != ROOT).then_some(prev);
         for (i, page) in tokens.chunks_exact(ps).enumerate() {
             prev = prev.chain(page);
-            node.hashes.push(prev);
             let mut loc = PageLocation::EMPTY;
             loc.set(tier, Some(blocks[i]));
-            node.locs.push(loc);
+            node.slots.push(PageSlot::new(prev, loc));
         }
         node.tier_pages[t] = pages as u32;
         let n = self.alloc(node);
-        for i in 0..pages {
-            let hash = self.nodes[n as usize].hashes[i];
-            self.by_hash.entry(hash.short()).or_insert(n);
+        for slot in &self.nodes[n as usize].slots {
+            self.by_hash.entry(slot.hash().short()).or_insert(n);
         }
         if ctx.events.is_some() {
             for i in 0..pages {
-                let hash = self.nodes[n as usize].hashes[i];
+                let hash = self.nodes[n as usize].slots[i].hash();
                 let parent_hash = if i == 0 {
                     first_parent
                 } else {
-                    Some(self.nodes[n as usize].hashes[i - 1])
+                    Some(self.nodes[n as usize].slots[i - 1].hash())
                 };
                 ctx.emit(IndexEvent::Stored {
                     ns: self.ns,
@@ -707,6 +859,7 @@ impl Tree {
         self.touch(n, ctx.policy, access);
         self.refresh(n, t, ctx.policy);
         self.propagate(parent, parent_before, ctx.policy);
+        n
     }
 
     // ---- locations ----------------------------------------------------------
@@ -720,11 +873,11 @@ impl Tree {
     ) -> Result<()> {
         let (n, off) = self.locate(hash).ok_or(IndexError::UnknownPage(hash))?;
         let t = tier.index();
-        if self.nodes[n as usize].locs[off].has(tier) {
+        if self.nodes[n as usize].slots[off].loc.has(tier) {
             return Err(IndexError::AlreadyPresent);
         }
         let before = self.presence(n);
-        self.nodes[n as usize].locs[off].set(tier, Some(block));
+        self.nodes[n as usize].slots[off].loc.set(tier, Some(block));
         self.nodes[n as usize].tier_pages[t] += 1;
         self.tier_pages[t] += 1;
         let parent = self.parent_hash(n, off);
@@ -748,7 +901,7 @@ impl Tree {
         out: &mut Vec<EvictedPage>,
     ) -> Result<()> {
         let (n, off) = self.locate(hash).ok_or(IndexError::UnknownPage(hash))?;
-        if !self.nodes[n as usize].locs[off].has(tier) {
+        if !self.nodes[n as usize].slots[off].loc.has(tier) {
             return Err(IndexError::NotPresent);
         }
         if self.nodes[n as usize].hard_pins > 0 {
@@ -768,7 +921,7 @@ impl Tree {
     ) {
         let t = tier.index();
         let node = &self.nodes[n as usize];
-        let loc = node.locs[off];
+        let loc = node.slots[off].loc;
         let mut remaining = loc;
         remaining.set(tier, None);
         if remaining.is_empty() {
@@ -779,10 +932,10 @@ impl Tree {
             return;
         }
         let before = self.presence(n);
-        let hash = node.hashes[off];
+        let hash = node.slots[off].hash();
         let mut dropped = PageLocation::EMPTY;
         dropped.set(tier, loc.get(tier));
-        self.nodes[n as usize].locs[off] = remaining;
+        self.nodes[n as usize].slots[off].loc = remaining;
         self.nodes[n as usize].tier_pages[t] -= 1;
         self.tier_pages[t] -= 1;
         ctx.emit(IndexEvent::Removed {
@@ -842,8 +995,8 @@ impl Tree {
         let node = &mut self.nodes[n as usize];
         let removed = node.pages() - off;
         for i in off..node.pages() {
-            let hash = node.hashes[i];
-            let loc = node.locs[i];
+            let hash = node.slots[i].hash();
+            let loc = node.slots[i].loc;
             for (tier, _) in loc.copies() {
                 node.tier_pages[tier.index()] -= 1;
                 self.tier_pages[tier.index()] -= 1;
@@ -855,8 +1008,11 @@ impl Tree {
                     });
                 }
             }
-            if self.by_hash.get(&hash.short()) == Some(&n) {
-                self.by_hash.remove(&hash.short());
+            if let Some(owner) = self.by_hash.remove(&hash.short()) {
+                if owner != n {
+                    // Another page with the same short hash owns the entry.
+                    self.by_hash.insert(hash.short(), owner);
+                }
             }
             out.push(EvictedPage {
                 ns: self.ns,
@@ -866,8 +1022,7 @@ impl Tree {
             });
         }
         node.tokens.truncate(off * ps);
-        node.hashes.truncate(off);
-        node.locs.truncate(off);
+        node.slots.truncate(off);
         self.pages -= removed as u64;
         if node.pinned() {
             self.pinned_pages -= removed as u64;
@@ -930,7 +1085,8 @@ impl Tree {
             // page on its own.
             let mut run = 0;
             if node.children.is_empty() && !ctx.policy.ranks_each_page() {
-                while run < pages - done && run < len && node.locs[len - 1 - run].only_on(tier) {
+                while run < pages - done && run < len && node.slots[len - 1 - run].loc.only_on(tier)
+                {
                     run += 1;
                 }
             }
@@ -945,9 +1101,9 @@ impl Tree {
                 continue;
             }
             let off = self.nodes[n as usize]
-                .locs
+                .slots
                 .iter()
-                .rposition(|l| l.has(tier))
+                .rposition(|s| s.loc.has(tier))
                 .expect("a node in a tier's set holds a copy on it");
             let before = out.len();
             self.drop_copy(n, off, tier, ctx, out);
@@ -984,6 +1140,37 @@ impl Tree {
         if target == ROOT {
             return Err(IndexError::NotCached);
         }
+        self.pin_at(target, partial, matched, kind, expires_ms, policy, admit)
+    }
+
+    /// Pins the path from the root to the page named `hash`.
+    pub(crate) fn pin_page(
+        &mut self,
+        hash: PageHash,
+        kind: PinKind,
+        expires_ms: u64,
+        policy: &dyn EvictionPolicy,
+        admit: impl FnOnce(u64) -> Result<()>,
+    ) -> Result<(LeaseId, usize)> {
+        let (n, off) = self.locate(hash).ok_or(IndexError::UnknownPage(hash))?;
+        let node = &self.nodes[n as usize];
+        let partial = (off + 1 < node.pages()).then_some(off + 1);
+        let matched = node.depth_pages as usize + off + 1;
+        self.pin_at(n, partial, matched, kind, expires_ms, policy, admit)
+    }
+
+    /// Pins the path to `target`, or to its first `partial` pages.
+    #[allow(clippy::too_many_arguments)]
+    fn pin_at(
+        &mut self,
+        target: u32,
+        partial: Option<usize>,
+        matched: usize,
+        kind: PinKind,
+        expires_ms: u64,
+        policy: &dyn EvictionPolicy,
+        admit: impl FnOnce(u64) -> Result<()>,
+    ) -> Result<(LeaseId, usize)> {
         let mut newly = 0u64;
         let mut n = target;
         while n != ROOT {
@@ -1144,7 +1331,7 @@ impl Tree {
         nodes
             + self.nodes.capacity_bytes()
             + self.free.capacity() * 4
-            + self.by_hash.capacity() * (std::mem::size_of::<(u64, u32)>() + 1)
+            + self.by_hash.capacity() * (std::mem::size_of::<(ShortHash, u32)>() + 1)
             + self.sets.iter().map(|s| s.len() * 24).sum::<usize>()
     }
 
@@ -1167,7 +1354,6 @@ impl Tree {
                 seen_nodes += 1;
                 assert!(node.pages() > 0, "empty node {n}");
                 assert_eq!(node.tokens.len(), node.pages() * ps);
-                assert_eq!(node.locs.len(), node.pages());
                 let parent = &self.nodes[node.parent as usize];
                 assert!(
                     parent.children.iter().any(|&(_, c)| c == n),
@@ -1182,8 +1368,15 @@ impl Tree {
             let mut h = parent_hash;
             for (i, page) in node.tokens.chunks_exact(ps).enumerate() {
                 h = h.chain(page);
-                assert_eq!(node.hashes[i], h, "page hash chain broken in node {n}");
-                assert!(!node.locs[i].is_empty(), "page without a copy in node {n}");
+                assert_eq!(
+                    node.slots[i].hash(),
+                    h,
+                    "page hash chain broken in node {n}"
+                );
+                assert!(
+                    !node.slots[i].loc.is_empty(),
+                    "page without a copy in node {n}"
+                );
                 assert!(
                     self.locate(h).is_some(),
                     "page of node {n} not in the hash map"
@@ -1194,7 +1387,11 @@ impl Tree {
                 pinned += node.pages() as u64;
             }
             for t in 0..TIERS {
-                let own = node.locs.iter().filter(|l| l.has(Tier::ALL[t])).count() as u32;
+                let own = node
+                    .slots
+                    .iter()
+                    .filter(|s| s.loc.has(Tier::ALL[t]))
+                    .count() as u32;
                 assert_eq!(node.tier_pages[t], own, "tier_pages of node {n}");
                 tier_pages[t] += u64::from(own);
                 let kids = node
@@ -1223,7 +1420,7 @@ impl Tree {
                 last_key = k;
                 assert_eq!(self.nodes[c as usize].parent, n);
                 assert_eq!(k, edge_key(&self.nodes[c as usize].tokens[..ps]));
-                stack.push((c, node.hashes.last().copied().unwrap_or(self.seed)));
+                stack.push((c, node.last_hash().unwrap_or(self.seed)));
             }
         }
         assert_eq!(seen_nodes, self.live_nodes, "live node count");
