@@ -975,10 +975,12 @@ impl Tree {
             self.nodes[parent as usize]
                 .children
                 .retain(|&(_, c)| c != n);
-            for t in 0..TIERS {
-                if before[t] {
-                    self.nodes[parent as usize].tier_children[t] -= 1;
-                }
+            for (count, had) in self.nodes[parent as usize]
+                .tier_children
+                .iter_mut()
+                .zip(before)
+            {
+                *count -= u32::from(had);
             }
             self.free_node(n, survivor);
             self.propagate(parent, parent_before, ctx.policy);
@@ -1386,14 +1388,14 @@ impl Tree {
             if node.pinned() && n != ROOT {
                 pinned += node.pages() as u64;
             }
-            for t in 0..TIERS {
+            for (t, total) in tier_pages.iter_mut().enumerate() {
                 let own = node
                     .slots
                     .iter()
                     .filter(|s| s.loc.has(Tier::ALL[t]))
                     .count() as u32;
                 assert_eq!(node.tier_pages[t], own, "tier_pages of node {n}");
-                tier_pages[t] += u64::from(own);
+                *total += u64::from(own);
                 let kids = node
                     .children
                     .iter()
