@@ -1219,6 +1219,7 @@ impl Tree {
         while n != ROOT {
             let was_pinned = self.nodes[n as usize].pinned();
             let node = &mut self.nodes[n as usize];
+            let mut recompute = false;
             match kind {
                 PinKind::Lease => node.hard_pins = node.hard_pins.wrapping_add_signed(delta),
                 PinKind::Session { priority } => {
@@ -1227,9 +1228,17 @@ impl Tree {
                         node.soft_priority = node.soft_priority.max(priority);
                     } else if node.soft_pins == 0 {
                         node.soft_priority = 0;
+                    } else {
+                        // The released pin may have set the node's
+                        // priority: the remaining ones decide it now.
+                        recompute = priority >= node.soft_priority;
                     }
                 }
             }
+            if recompute {
+                self.nodes[n as usize].soft_priority = self.held_soft_priority(n);
+            }
+            let node = &self.nodes[n as usize];
             let pages = node.pages() as u64;
             match (was_pinned, node.pinned()) {
                 (false, true) => self.pinned_pages += pages,
@@ -1246,6 +1255,34 @@ impl Tree {
             }
             n = self.nodes[n as usize].parent;
         }
+    }
+
+    /// The highest priority of the soft leases held on `n` or below it.
+    fn held_soft_priority(&self, n: u32) -> u8 {
+        let covers = |mut target: u32| {
+            while target != ROOT {
+                if target == n {
+                    return true;
+                }
+                target = self.nodes[target as usize].parent;
+            }
+            false
+        };
+        let mut best = 0;
+        for (&target, seqs) in &self.soft_targets {
+            if covers(target) {
+                for seq in seqs {
+                    if let Some(LeaseRecord {
+                        kind: PinKind::Session { priority },
+                        ..
+                    }) = self.leases.get(seq)
+                    {
+                        best = best.max(*priority);
+                    }
+                }
+            }
+        }
+        best
     }
 
     pub(crate) fn lease_state(&self, seq: u64) -> Result<()> {
@@ -1365,6 +1402,11 @@ impl Tree {
                 assert!(
                     parent.hard_pins >= node.hard_pins || node.parent == ROOT,
                     "pin path broken at {n}"
+                );
+                assert_eq!(
+                    node.soft_priority,
+                    self.held_soft_priority(n),
+                    "soft priority of node {n}"
                 );
             }
             let mut h = parent_hash;
