@@ -1,0 +1,122 @@
+//! Calls that name pages by chained hash: `insert_after` (store what a lookup
+//! missed, after the page where the hit ended) and `pin_page`.
+
+use radix_tree::{BlockId, IndexError, NamespaceConfig, NamespaceKey, PinKind, RadixIndex, Tier};
+use std::time::Duration;
+
+fn index(page_size: usize) -> (RadixIndex, radix_tree::NamespaceId) {
+    let index = RadixIndex::default();
+    let ns = index
+        .create_namespace(
+            &NamespaceKey::new("t", "m", "l", ""),
+            NamespaceConfig::new(page_size).unwrap(),
+        )
+        .unwrap();
+    (index, ns)
+}
+
+fn blocks(n: usize, base: u32) -> Vec<BlockId> {
+    (0..n as u32).map(|i| BlockId(base + i)).collect()
+}
+
+#[test]
+fn insert_after_a_hit_builds_the_same_tree_as_a_full_insert() {
+    let prompt_a: Vec<u32> = (0..64).collect();
+    let mut prompt_b = prompt_a[..40].to_vec();
+    prompt_b.extend(1000..1024);
+    let (full, ns_full) = index(4);
+    let (after, ns_after) = index(4);
+    full.insert(ns_full, &prompt_a, Tier::Host, &blocks(16, 0))
+        .unwrap();
+    after
+        .insert(ns_after, &prompt_a, Tier::Host, &blocks(16, 0))
+        .unwrap();
+    full.insert(ns_full, &prompt_b, Tier::Host, &blocks(16, 100))
+        .unwrap();
+    // The engine's way: look up, then store only the missed pages.
+    let hit = after.match_prefix(ns_after, &prompt_b).unwrap();
+    assert_eq!(hit.pages, 10);
+    let out = after
+        .insert_after(
+            ns_after,
+            hit.last_page,
+            &prompt_b[40..],
+            Tier::Host,
+            &blocks(6, 110),
+        )
+        .unwrap();
+    assert_eq!(out.new_pages, 6);
+    assert_eq!(out.cached_pages, 0);
+    assert_eq!(
+        out.last_page,
+        Some(
+            *after
+                .page_hashes(ns_after, &prompt_b)
+                .unwrap()
+                .last()
+                .unwrap()
+        )
+    );
+    for prompt in [&prompt_a, &prompt_b] {
+        assert_eq!(
+            full.match_prefix(ns_full, prompt).unwrap(),
+            after.match_prefix(ns_after, prompt).unwrap()
+        );
+    }
+    after.check_invariants();
+    assert_eq!(full.stats().pages, after.stats().pages);
+}
+
+#[test]
+fn insert_after_the_root_and_after_unknown_pages() {
+    let (idx, ns) = index(2);
+    let prompt: Vec<u32> = (0..8).collect();
+    let out = idx
+        .insert_after(ns, None, &prompt, Tier::Disk, &blocks(4, 0))
+        .unwrap();
+    assert_eq!(out.new_pages, 4);
+    assert_eq!(idx.match_prefix(ns, &prompt).unwrap().pages, 4);
+    // Pages already there are reported as cached, not added twice.
+    let again = idx
+        .insert_after(ns, None, &prompt, Tier::Disk, &blocks(4, 0))
+        .unwrap();
+    assert_eq!((again.cached_pages, again.new_pages), (4, 0));
+    let stranger = radix_tree::PageHash(12345);
+    assert_eq!(
+        idx.insert_after(ns, Some(stranger), &prompt, Tier::Disk, &blocks(4, 0)),
+        Err(IndexError::UnknownPage(stranger))
+    );
+    assert!(matches!(
+        idx.insert_after(ns, None, &prompt, Tier::Disk, &blocks(3, 0)),
+        Err(IndexError::BlockCountMismatch {
+            pages: 4,
+            blocks: 3
+        })
+    ));
+    idx.check_invariants();
+}
+
+#[test]
+fn pin_page_holds_exactly_the_path_to_that_page() {
+    let (idx, ns) = index(1);
+    let prompt: Vec<u32> = (0..10).collect();
+    idx.insert(ns, &prompt, Tier::Host, &blocks(10, 0)).unwrap();
+    let hashes = idx.page_hashes(ns, &prompt).unwrap();
+    let lease = idx
+        .pin_page(ns, hashes[5], PinKind::Lease, Duration::from_secs(60))
+        .unwrap();
+    assert_eq!(lease.pages, 6);
+    // Only the four pages after the pinned one can go.
+    let evicted = idx.evict(Tier::Host, 100);
+    assert_eq!(evicted.len(), 4);
+    assert!(evicted.iter().all(|e| hashes[6..].contains(&e.hash)));
+    assert_eq!(idx.match_prefix(ns, &prompt).unwrap().pages, 6);
+    idx.check_invariants();
+    idx.release(lease.id).unwrap();
+    assert_eq!(idx.evict(Tier::Host, 100).len(), 6);
+    assert_eq!(
+        idx.pin_page(ns, hashes[0], PinKind::Lease, Duration::from_secs(60)),
+        Err(IndexError::UnknownPage(hashes[0]))
+    );
+    idx.check_invariants();
+}
