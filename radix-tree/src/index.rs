@@ -7,7 +7,7 @@ use crate::events::EventSink;
 use crate::namespace::{NamespaceConfig, NamespaceId, NamespaceKey};
 use crate::policy::{EvictionPolicy, Lru};
 use crate::sync::{Arc, AtomicU64, OnceLock, Ordering, RwLock, RwLockWriteGuard};
-use crate::tree::{OpCtx, Tree};
+use crate::tree::{Candidate, OpCtx, Tree};
 use crate::{
     BlockId, EvictedPage, InsertOutcome, Lease, LeaseId, Match, PageHash, PageLocation, PinKind,
     Tier, TIERS,
@@ -592,6 +592,22 @@ impl RadixIndex {
         }
         self.counters.evicted_copies[tier.index()].fetch_add(done as u64, Ordering::Relaxed);
         out
+    }
+
+    /// The copies on `tier` that eviction would take first (up to `max`,
+    /// across namespaces, lowest rank first), changing nothing. For
+    /// write-back: copy each one down, [`add_location`](Self::add_location)
+    /// the new copy, then [`drop_location`](Self::drop_location) this one.
+    pub fn eviction_candidates(&self, tier: Tier, max: usize) -> Vec<Candidate> {
+        let mut ranked = Vec::new();
+        for e in self.entries() {
+            e.tree
+                .read()
+                .eviction_candidates(tier, max, &*self.config.policy, &mut ranked);
+        }
+        ranked.sort_by_key(|(key, _)| *key);
+        ranked.truncate(max);
+        ranked.into_iter().map(|(_, c)| c).collect()
     }
 
     /// Evicts up to `pages` copies from `tier` within one namespace (a

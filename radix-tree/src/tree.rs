@@ -190,6 +190,14 @@ pub struct InsertOutcome {
     pub last_page: Option<PageHash>,
 }
 
+/// A copy that eviction would take: the page and all of its copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate {
+    pub ns: NamespaceId,
+    pub hash: PageHash,
+    pub location: PageLocation,
+}
+
 /// One page copy (or several) that left the index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EvictedPage {
@@ -551,6 +559,52 @@ impl Tree {
 
     pub(crate) fn min_key(&mut self, tier: Tier, policy: &dyn EvictionPolicy) -> Option<u64> {
         self.min_victim(tier.index(), policy).map(|(k, _)| k)
+    }
+
+    /// The copies on `tier` that eviction would take first, up to `max`,
+    /// with their rank, without changing anything: a caller that must
+    /// demote before dropping (write-back) copies them down, records the
+    /// new copy, then drops this one.
+    pub(crate) fn eviction_candidates(
+        &self,
+        tier: Tier,
+        max: usize,
+        policy: &dyn EvictionPolicy,
+        out: &mut Vec<(u64, Candidate)>,
+    ) {
+        let t = tier.index();
+        let mut found: Vec<(u64, Candidate)> = Vec::new();
+        for &(stored, n) in &self.sets[t] {
+            // Stored ranks are never above current ones, so once `max`
+            // copies rank below every later entry's stored rank, they are
+            // the first `max`.
+            if found.len() >= max {
+                found.sort_by_key(|(k, _)| *k);
+                found.truncate(max);
+                if found.last().is_some_and(|(k, _)| *k <= stored) {
+                    break;
+                }
+            }
+            let key = self.full_key(n, policy);
+            let node = &self.nodes[n as usize];
+            for slot in node
+                .slots
+                .iter()
+                .rev()
+                .filter(|s| s.loc.has(tier))
+                .take(max)
+            {
+                let candidate = Candidate {
+                    ns: self.ns,
+                    hash: slot.hash(),
+                    location: slot.loc,
+                };
+                found.push((key, candidate));
+            }
+        }
+        found.sort_by_key(|(k, _)| *k);
+        found.truncate(max);
+        out.extend(found);
     }
 
     // ---- insert -----------------------------------------------------------
