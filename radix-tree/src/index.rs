@@ -492,6 +492,16 @@ impl RadixIndex {
         Ok(self.entry(ns)?.tree.read().location_of(hash))
     }
 
+    /// A cached page's parent page and tokens (what a tier needs to store
+    /// with a block so that the page can be indexed again after a restart).
+    pub fn page_tokens(
+        &self,
+        ns: NamespaceId,
+        hash: PageHash,
+    ) -> Result<Option<(Option<PageHash>, Vec<u32>)>> {
+        Ok(self.entry(ns)?.tree.read().page_tokens(hash))
+    }
+
     /// How many of `hashes`, from the first, are cached (a run of hits).
     pub fn longest_cached_run(&self, ns: NamespaceId, hashes: &[PageHash]) -> Result<usize> {
         let entry = self.entry(ns)?;

@@ -424,6 +424,14 @@ impl Tree {
             .map(|(n, off)| self.nodes[n as usize].slots[off].loc)
     }
 
+    /// A cached page's parent and tokens.
+    pub(crate) fn page_tokens(&self, hash: PageHash) -> Option<(Option<PageHash>, Vec<u32>)> {
+        let (n, off) = self.locate(hash)?;
+        let ps = self.page_size;
+        let tokens = self.nodes[n as usize].tokens[off * ps..(off + 1) * ps].to_vec();
+        Some((self.parent_hash(n, off), tokens))
+    }
+
     /// The parent page of a page: `None` for a namespace's first page.
     fn parent_hash(&self, n: u32, off: usize) -> Option<PageHash> {
         if off > 0 {
