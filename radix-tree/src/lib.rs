@@ -51,6 +51,7 @@
 //! and atomics come from the `sync` module, so a model checker can swap them.
 
 mod arena;
+mod children;
 mod clock;
 mod error;
 mod events;

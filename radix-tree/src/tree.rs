@@ -12,6 +12,7 @@
 //!   root (exclusive), so a pinned node's ancestors are pinned too.
 
 use crate::arena::Arena;
+use crate::children::Children;
 use crate::error::{IndexError, Result};
 use crate::events::IndexEvent;
 use crate::hash::{edge_key, PageHash, PassThroughBuild, ShortHash};
@@ -31,7 +32,7 @@ pub(crate) struct Node {
     /// One slot per page: its hash and where its copies are.
     slots: Vec<PageSlot>,
     /// Sorted by edge key (the first page's key); equal keys are possible.
-    children: Vec<(u64, u32)>,
+    children: Children,
     stats: NodeStats,
     priority: u8,
     hard_pins: u32,
@@ -50,7 +51,7 @@ impl Node {
             depth_pages,
             tokens: Vec::new(),
             slots: Vec::new(),
-            children: Vec::new(),
+            children: Children::None,
             stats: NodeStats::new(tick),
             priority: 0,
             hard_pins: 0,
@@ -91,7 +92,7 @@ impl Node {
     fn heap_bytes(&self) -> usize {
         self.tokens.capacity() * 4
             + self.slots.capacity() * std::mem::size_of::<PageSlot>()
-            + self.children.capacity() * std::mem::size_of::<(u64, u32)>()
+            + self.children.heap_bytes()
     }
 }
 
@@ -288,12 +289,9 @@ impl Tree {
 
     fn find_child(&self, node: u32, page: &[u32]) -> Option<u32> {
         let key = edge_key(page);
-        let children = &self.nodes[node as usize].children;
-        let start = children.partition_point(|(k, _)| *k < key);
-        children[start..]
-            .iter()
-            .take_while(|(k, _)| *k == key)
-            .map(|&(_, c)| c)
+        self.nodes[node as usize]
+            .children
+            .with_key(key)
             .find(|&c| &self.nodes[c as usize].tokens[..self.page_size] == page)
     }
 
@@ -657,13 +655,11 @@ impl Tree {
             head.tier_children[t] = u32::from(old.has_subtree_copy(t));
         }
         let h = self.alloc(head);
-        self.nodes[h as usize].children.push((tail_key, n));
+        self.nodes[h as usize].children.insert(tail_key, n);
         self.nodes[n as usize].parent = h;
-        for slot in self.nodes[parent as usize].children.iter_mut() {
-            if slot.1 == n {
-                slot.1 = h;
-            }
-        }
+        // The head starts with the same page, so it keeps `n`'s edge key.
+        let key = edge_key(&self.nodes[h as usize].tokens[..ps]);
+        self.nodes[parent as usize].children.replace(key, n, h);
         self.repoint_hashes(h, n);
         for t in 0..TIERS {
             self.refresh(n, t, policy);
@@ -698,11 +694,15 @@ impl Tree {
         let pinned = old.pinned();
         let tail_key = edge_key(&tail.tokens[..ps]);
         let t_id = self.alloc(tail);
-        for i in 0..self.nodes[t_id as usize].children.len() {
-            let c = self.nodes[t_id as usize].children[i].1;
+        let moved: Vec<u32> = self.nodes[t_id as usize]
+            .children
+            .iter()
+            .map(|(_, c)| c)
+            .collect();
+        for c in moved {
             self.nodes[c as usize].parent = t_id;
         }
-        self.nodes[n as usize].children.push((tail_key, t_id));
+        self.nodes[n as usize].children.insert(tail_key, t_id);
         self.repoint_hashes(t_id, n);
         if pinned {
             for rec in self.leases.values_mut() {
@@ -735,9 +735,7 @@ impl Tree {
 
     fn add_child(&mut self, parent: u32, child: u32) {
         let key = edge_key(&self.nodes[child as usize].tokens[..self.page_size]);
-        let children = &mut self.nodes[parent as usize].children;
-        let at = children.partition_point(|(k, _)| *k <= key);
-        children.insert(at, (key, child));
+        self.nodes[parent as usize].children.insert(key, child);
     }
 
     pub(crate) fn insert(
@@ -1023,20 +1021,19 @@ impl Tree {
             self.nodes[n as usize].parent
         };
         let children = std::mem::take(&mut self.nodes[n as usize].children);
-        let mut stack: Vec<u32> = children.into_iter().map(|(_, c)| c).collect();
+        let mut stack: Vec<u32> = children.iter().map(|(_, c)| c).collect();
         while let Some(d) = stack.pop() {
-            stack.extend(self.nodes[d as usize].children.iter().map(|&(_, c)| c));
+            stack.extend(self.nodes[d as usize].children.iter().map(|(_, c)| c));
             self.drop_pages(d, 0, ctx, out);
             self.free_node(d, survivor);
         }
         self.nodes[n as usize].tier_children = [0; TIERS];
+        let key = edge_key(&self.nodes[n as usize].tokens[..self.page_size]);
         self.drop_pages(n, off, ctx, out);
         if off == 0 {
             let parent = self.nodes[n as usize].parent;
             let parent_before = self.presence(parent);
-            self.nodes[parent as usize]
-                .children
-                .retain(|&(_, c)| c != n);
+            self.nodes[parent as usize].children.remove(key, n);
             for (count, had) in self.nodes[parent as usize]
                 .tier_children
                 .iter_mut()
@@ -1418,7 +1415,7 @@ impl Tree {
         let children: Vec<u32> = self.nodes[ROOT as usize]
             .children
             .iter()
-            .map(|&(_, c)| c)
+            .map(|(_, c)| c)
             .collect();
         for c in children {
             self.remove_from(c, 0, ctx, out);
@@ -1457,7 +1454,7 @@ impl Tree {
                 assert_eq!(node.tokens.len(), node.pages() * ps);
                 let parent = &self.nodes[node.parent as usize];
                 assert!(
-                    parent.children.iter().any(|&(_, c)| c == n),
+                    parent.children.iter().any(|(_, c)| c == n),
                     "node {n} not among its parent's children"
                 );
                 assert_eq!(node.depth_pages, parent.depth_pages + parent.pages() as u32);
@@ -1503,7 +1500,7 @@ impl Tree {
                 let kids = node
                     .children
                     .iter()
-                    .filter(|&&(_, c)| self.nodes[c as usize].has_subtree_copy(t))
+                    .filter(|&(_, c)| self.nodes[c as usize].has_subtree_copy(t))
                     .count() as u32;
                 assert_eq!(node.tier_children[t], kids, "tier_children of node {n}");
                 let in_set = node.set_key[t] != NOT_IN_SET;
@@ -1520,10 +1517,8 @@ impl Tree {
                     );
                 }
             }
-            let mut last_key = 0;
-            for &(k, c) in &node.children {
-                assert!(k >= last_key, "children unsorted");
-                last_key = k;
+            assert_eq!(node.children.iter().count(), node.children.len());
+            for (k, c) in node.children.iter() {
                 assert_eq!(self.nodes[c as usize].parent, n);
                 assert_eq!(k, edge_key(&self.nodes[c as usize].tokens[..ps]));
                 stack.push((c, node.last_hash().unwrap_or(self.seed)));
