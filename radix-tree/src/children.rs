@@ -39,7 +39,8 @@ impl Children {
 
     /// Children whose edge key is `key` (usually at most one).
     pub(crate) fn with_key(&self, key: u64) -> impl Iterator<Item = u32> + '_ {
-        let (small, first, collided): (&[(u64, u32)], Option<u32>, &[(u64, u32)]) = match self {
+        type Entries<'a> = &'a [(u64, u32)];
+        let (small, first, collided): (Entries<'_>, Option<u32>, Entries<'_>) = match self {
             Children::None => (&[], None, &[]),
             Children::Small(v) => {
                 let start = v.partition_point(|(k, _)| *k < key);
