@@ -1,0 +1,853 @@
+//! The `Cache`: the index and the block pools behind one handle.
+//!
+//! Bytes never move while an index lock is held: the index only records
+//! where copies are. Every move (demotion, promotion, write-through) runs
+//! with the page pinned by a lease, so the source slot cannot be freed and
+//! reused under it; the new copy is recorded only once it is fully written.
+
+use crate::config::{CacheConfig, WriteMode};
+use crate::error::{CacheError, Result};
+use crate::meta;
+use parking_lot::Mutex;
+use radix_tree::{
+    BlockId, EvictedPage, IndexConfig, IndexError, Lease, NamespaceConfig, NamespaceId,
+    NamespaceKey, PageHash, PageLocation, PinKind, RadixIndex, Tier, TIERS,
+};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tiers::disk::{DiskPool, DiskPoolConfig};
+use tiers::host::{BlockRef, HostPool, HostPoolConfig};
+use tiers::mover::{Move, Mover, Ticket};
+use tiers::{BlockGeometry, BlockPool, SlotId, TierError};
+
+/// Longest namespace key a block's metadata may carry.
+const MAX_KEY_BYTES: usize = 1024;
+/// Pages evicted at once when a tier is full.
+const ROOM_BATCH: usize = 32;
+/// How long a move holds its pages pinned at most (a stuck disk must not
+/// wedge the cache).
+const MOVE_LEASE: Duration = Duration::from_secs(60);
+
+/// Counters of the facade (the index and the pools keep their own).
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    /// Blocks that failed their checksum on read and became misses.
+    pub corrupt_blocks: AtomicU64,
+    /// Tier reads or writes that failed with an I/O error.
+    pub io_errors: AtomicU64,
+    pub demotions: AtomicU64,
+    pub promotions: AtomicU64,
+    pub write_throughs: AtomicU64,
+    /// Pages a store could not keep because a tier was full of pinned pages.
+    pub store_rejections: AtomicU64,
+}
+
+/// What a lookup may do besides matching.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LookupOptions {
+    /// Pin the matched pages for this long (a hard lease).
+    pub lease: Option<Duration>,
+    /// Start copying matched pages that are only on disk into host RAM.
+    pub promote: bool,
+}
+
+/// The answer to a lookup.
+#[derive(Debug)]
+pub struct Lookup {
+    /// Whole pages cached from the start of the prompt (the leased ones, if
+    /// a lease was asked for).
+    pub pages: usize,
+    pub page_size: usize,
+    /// Each page's copies.
+    pub locations: Vec<PageLocation>,
+    /// Each page's hash.
+    pub hashes: Vec<PageHash>,
+    pub lease: Option<Lease>,
+    /// Promotions under way; wait with [`Cache::wait`].
+    pub prefetch: Option<PrefetchId>,
+}
+
+impl Lookup {
+    pub fn tokens(&self) -> usize {
+        self.pages * self.page_size
+    }
+
+    /// Pages whose fastest copy is on each tier.
+    pub fn fastest_pages(&self) -> [usize; TIERS] {
+        let mut counts = [0; TIERS];
+        for l in &self.locations {
+            if let Some(t) = l.fastest() {
+                counts[t.index()] += 1;
+            }
+        }
+        counts
+    }
+}
+
+/// What a store did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreOutcome {
+    /// Leading pages that were cached already.
+    pub cached_pages: usize,
+    /// Pages written by this store.
+    pub stored_pages: usize,
+}
+
+/// A batch of moves in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PrefetchId(u64);
+
+#[derive(Debug)]
+struct Pending {
+    id: u64,
+    ticket: Ticket,
+    /// For each move: the page and the tier its new copy lands on.
+    targets: Vec<(NamespaceId, PageHash, Tier)>,
+    leases: Vec<Lease>,
+    kind: MoveKind,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum MoveKind {
+    Promotion,
+    WriteThrough,
+}
+
+/// The index and the pools behind one handle; see the crate docs.
+#[derive(Debug)]
+pub struct Cache {
+    config: CacheConfig,
+    index: RadixIndex,
+    host: Arc<HostPool>,
+    disk: Option<Arc<DiskPool>>,
+    pools: [Option<Arc<dyn BlockPool>>; TIERS],
+    mover: Mover,
+    pending: Mutex<Vec<Pending>>,
+    next_pending: AtomicU64,
+    namespaces: Mutex<HashMap<NamespaceId, Vec<u8>>>,
+    stats: CacheStats,
+}
+
+impl Cache {
+    /// Builds the pools, and rebuilds the index from the disk tier's blocks
+    /// when there is one (a warm restart).
+    pub fn open(config: CacheConfig) -> Result<Cache> {
+        let layout_digest = xxhash_rust::xxh3::xxh3_64(config.layout.as_bytes());
+        let max_meta = meta::max_len(
+            &NamespaceKey::new("x".repeat(MAX_KEY_BYTES), "", "", ""),
+            config.page_size,
+        );
+        let geometry = BlockGeometry::new(config.block_bytes, max_meta, layout_digest)?;
+        let host = Arc::new(HostPool::new(
+            HostPoolConfig::builder(geometry)
+                .capacity_bytes(config.host_bytes)
+                .build()?,
+        )?);
+        let (disk, recovered) = match &config.disk {
+            Some((dir, bytes)) => {
+                let mut builder = DiskPoolConfig::builder(dir, geometry).capacity_bytes(*bytes);
+                if let Some(io) = &config.disk_io {
+                    builder = builder.io(io.clone());
+                }
+                let (pool, recovered) = DiskPool::open(builder.build()?)?;
+                (Some(Arc::new(pool)), recovered)
+            }
+            None => (None, Vec::new()),
+        };
+        let policy =
+            radix_tree::policy::by_name(&config.policy).expect("checked by the config builder");
+        let index = RadixIndex::new(
+            IndexConfig::builder()
+                .policy(policy)
+                .max_tokens_per_call(config.max_tokens_per_call)
+                .max_pinned_pages_per_tenant(config.max_pinned_pages_per_tenant)
+                .build()?,
+        );
+        let pools: [Option<Arc<dyn BlockPool>>; TIERS] = [
+            config.device.clone(),
+            Some(host.clone() as Arc<dyn BlockPool>),
+            disk.clone().map(|d| d as Arc<dyn BlockPool>),
+        ];
+        let cache = Cache {
+            mover: Mover::new(config.movers),
+            config,
+            index,
+            host,
+            disk,
+            pools,
+            pending: Mutex::new(Vec::new()),
+            next_pending: AtomicU64::new(1),
+            namespaces: Mutex::new(HashMap::new()),
+            stats: CacheStats::default(),
+        };
+        cache.recover(recovered.into_iter().map(|r| (r.slot, r.meta)).collect());
+        Ok(cache)
+    }
+
+    pub fn config(&self) -> &CacheConfig {
+        &self.config
+    }
+
+    pub fn index(&self) -> &RadixIndex {
+        &self.index
+    }
+
+    pub fn stats(&self) -> &CacheStats {
+        &self.stats
+    }
+
+    pub fn host_pool(&self) -> &HostPool {
+        &self.host
+    }
+
+    pub fn disk_pool(&self) -> Option<&DiskPool> {
+        self.disk.as_deref()
+    }
+
+    /// The namespace of a tenant's model and adapter, created on first use.
+    /// The caller (the server) derives `tenant` from credentials.
+    pub fn namespace(&self, tenant: &str, model: &str, adapter: &str) -> Result<NamespaceId> {
+        let key = NamespaceKey::new(tenant, model, self.config.layout.as_str(), adapter);
+        self.namespace_for(&key)
+    }
+
+    fn namespace_for(&self, key: &NamespaceKey) -> Result<NamespaceId> {
+        let bytes = key.to_bytes();
+        if bytes.len() > MAX_KEY_BYTES {
+            return Err(CacheError::InvalidArgument(format!(
+                "namespace key of {} bytes exceeds {MAX_KEY_BYTES}",
+                bytes.len()
+            )));
+        }
+        let ns = self
+            .index
+            .create_namespace(key, NamespaceConfig::new(self.config.page_size)?)?;
+        self.namespaces.lock().entry(ns).or_insert(bytes);
+        Ok(ns)
+    }
+
+    fn key_bytes(&self, ns: NamespaceId) -> Result<Vec<u8>> {
+        match self.namespaces.lock().get(&ns) {
+            Some(k) => Ok(k.clone()),
+            None => Err(IndexError::UnknownNamespace(ns).into()),
+        }
+    }
+
+    fn pool(&self, tier: Tier) -> Option<&Arc<dyn BlockPool>> {
+        self.pools[tier.index()].as_ref()
+    }
+
+    /// The tier a copy moves down to when `tier` is full.
+    fn below(&self, tier: Tier) -> Option<Tier> {
+        let mut t = tier.below();
+        while let Some(x) = t {
+            if self.pool(x).is_some() {
+                return Some(x);
+            }
+            t = x.below();
+        }
+        None
+    }
+
+    // ---- store ---------------------------------------------------------------
+
+    /// Stores the KV blocks of pages `first_page..` of `tokens` (whole pages;
+    /// a partial tail is ignored): `data` holds one block per page, in
+    /// order. Pages already cached are skipped. Pages can only extend a
+    /// cached prefix: if pages before `first_page` are missing, nothing is
+    /// stored.
+    pub fn store(
+        &self,
+        ns: NamespaceId,
+        tokens: &[u32],
+        first_page: usize,
+        data: &[u8],
+    ) -> Result<StoreOutcome> {
+        self.reap();
+        let ps = self.config.page_size;
+        let bb = self.config.block_bytes;
+        let pages = tokens.len() / ps;
+        if first_page > pages {
+            return Err(CacheError::InvalidArgument(format!(
+                "first page {first_page} is past the prompt's {pages} whole pages"
+            )));
+        }
+        if data.len() != (pages - first_page) * bb {
+            return Err(CacheError::InvalidArgument(format!(
+                "{} bytes of data for {} pages of {bb}-byte blocks",
+                data.len(),
+                pages - first_page
+            )));
+        }
+        let key = self.key_bytes(ns)?;
+        let cached = self.index.cached_pages(ns, tokens)?;
+        if cached < first_page || cached >= pages {
+            return Ok(StoreOutcome {
+                cached_pages: cached,
+                stored_pages: 0,
+            });
+        }
+        let hashes = self.index.page_hashes(ns, &tokens[..pages * ps])?;
+        let mut slots = Vec::with_capacity(pages - cached);
+        let mut meta_buf = Vec::new();
+        for p in cached..pages {
+            let slot = match self.allocate(Tier::Host) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.free_all(Tier::Host, &slots);
+                    self.stats
+                        .store_rejections
+                        .fetch_add((pages - p) as u64, Ordering::Relaxed);
+                    return Err(e);
+                }
+            };
+            let parent = p.checked_sub(1).map(|i| hashes[i]);
+            meta::encode(&key, parent, &tokens[p * ps..(p + 1) * ps], &mut meta_buf);
+            let block = &data[(p - first_page) * bb..][..bb];
+            if let Err(e) = self.host.write(slot, block, &meta_buf) {
+                self.host.free(slot);
+                self.free_all(Tier::Host, &slots);
+                return Err(e.into());
+            }
+            slots.push(BlockId(slot.0));
+        }
+        let parent = cached.checked_sub(1).map(|i| hashes[i]);
+        let out = match self.index.insert_after(
+            ns,
+            parent,
+            &tokens[cached * ps..pages * ps],
+            Tier::Host,
+            &slots,
+        ) {
+            Ok(out) => out,
+            Err(IndexError::UnknownPage(_)) => {
+                // The prefix was evicted meanwhile: the pages have no parent.
+                self.free_all(Tier::Host, &slots);
+                return Ok(StoreOutcome {
+                    cached_pages: 0,
+                    stored_pages: 0,
+                });
+            }
+            Err(e) => {
+                self.free_all(Tier::Host, &slots);
+                return Err(e.into());
+            }
+        };
+        self.free_all(Tier::Host, &out.rejected);
+        if self.config.write_mode == WriteMode::WriteThrough {
+            self.write_through(ns, &hashes[cached..pages]);
+        }
+        Ok(StoreOutcome {
+            cached_pages: cached,
+            stored_pages: out.new_pages,
+        })
+    }
+
+    fn free_all(&self, tier: Tier, blocks: &[BlockId]) {
+        if let Some(pool) = self.pool(tier) {
+            for b in blocks {
+                pool.free(SlotId(b.0));
+            }
+        }
+    }
+
+    /// Frees every copy the index dropped.
+    fn free_dropped(&self, evicted: &[EvictedPage]) {
+        for e in evicted {
+            for (tier, block) in e.dropped.copies() {
+                if let Some(pool) = self.pool(tier) {
+                    pool.free(SlotId(block.0));
+                }
+            }
+        }
+    }
+
+    /// A free slot on `tier`, making room (demoting or evicting) if needed.
+    fn allocate(&self, tier: Tier) -> Result<SlotId> {
+        let pool = self
+            .pool(tier)
+            .ok_or(CacheError::InvalidArgument(format!("no {tier} tier")))?;
+        loop {
+            match pool.allocate() {
+                Ok(slot) => return Ok(slot),
+                Err(TierError::Full) => {
+                    if self.make_room(tier, ROOM_BATCH)? > 0 {
+                        continue;
+                    }
+                    // Pages pinned by moves in flight free up once those land.
+                    if self.pending.lock().is_empty() {
+                        return Err(CacheError::Full(tier.name()));
+                    }
+                    self.flush();
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Frees up to `pages` slots of `tier`: copies without a lower copy move
+    /// down first (write-back), the rest are dropped. Returns slots freed.
+    fn make_room(&self, tier: Tier, pages: usize) -> Result<usize> {
+        let Some(lower) = self.below(tier) else {
+            let evicted = self.index.evict(tier, pages);
+            self.free_dropped(&evicted);
+            return Ok(evicted.iter().filter(|e| e.dropped.has(tier)).count());
+        };
+        let candidates = self.index.eviction_candidates(tier, pages);
+        let mut freed = 0;
+        for c in candidates {
+            let Some(block) = c.location.get(tier) else {
+                continue;
+            };
+            if !c.location.has(lower) {
+                self.demote(c.ns, c.hash, tier, block, lower);
+            }
+            match self.index.drop_location(c.ns, c.hash, tier) {
+                Ok(dropped) => {
+                    freed += dropped.iter().filter(|e| e.dropped.has(tier)).count();
+                    self.free_dropped(&dropped);
+                }
+                // Leased, or gone since: not ours to free.
+                Err(IndexError::Pinned | IndexError::UnknownPage(_) | IndexError::NotPresent) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(freed)
+    }
+
+    /// Copies one page's block from `tier` to `lower` and records the copy;
+    /// on any failure the page simply has no lower copy.
+    fn demote(&self, ns: NamespaceId, hash: PageHash, tier: Tier, block: BlockId, lower: Tier) {
+        let Ok(lease) = self.index.pin_page(ns, hash, PinKind::Lease, MOVE_LEASE) else {
+            return;
+        };
+        // Under the lease the copy cannot go; check it is still the one named.
+        let still_there =
+            matches!(self.index.location(ns, hash), Ok(Some(l)) if l.get(tier) == Some(block));
+        let meta = self.page_meta(ns, hash);
+        if let (true, Some(meta)) = (still_there, meta) {
+            let (from, to) = (self.pool(tier).cloned(), self.pool(lower).cloned());
+            if let (Some(from), Some(to)) = (from, to) {
+                // Room below first, so the move does not fail on a full pool.
+                if to.used() >= to.capacity() {
+                    let _ = self.make_room(lower, ROOM_BATCH);
+                }
+                let m = Move {
+                    from,
+                    slot: SlotId(block.0),
+                    to: to.clone(),
+                    meta,
+                };
+                match self.mover.submit(vec![m]).wait().pop() {
+                    Some(Ok(dest)) => {
+                        if self
+                            .index
+                            .add_location(ns, hash, lower, BlockId(dest.0))
+                            .is_ok()
+                        {
+                            self.stats.demotions.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            to.free(dest);
+                        }
+                    }
+                    Some(Err(e)) => self.count_error(&e),
+                    None => {}
+                }
+            }
+        }
+        let _ = self.index.release(lease.id);
+    }
+
+    fn page_meta(&self, ns: NamespaceId, hash: PageHash) -> Option<Vec<u8>> {
+        let key = self.key_bytes(ns).ok()?;
+        let (parent, tokens) = self.index.page_tokens(ns, hash).ok()??;
+        let mut buf = Vec::new();
+        meta::encode(&key, parent, &tokens, &mut buf);
+        Some(buf)
+    }
+
+    fn count_error(&self, e: &TierError) {
+        match e {
+            TierError::Corrupt(_) => self.stats.corrupt_blocks.fetch_add(1, Ordering::Relaxed),
+            _ => self.stats.io_errors.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+
+    /// Queues host-to-disk copies of freshly stored pages.
+    fn write_through(&self, ns: NamespaceId, hashes: &[PageHash]) {
+        let (Some(disk), Some(host)) = (
+            self.pool(Tier::Disk).cloned(),
+            self.pool(Tier::Host).cloned(),
+        ) else {
+            return;
+        };
+        let mut moves = Vec::new();
+        let mut targets = Vec::new();
+        let mut leases = Vec::new();
+        for &hash in hashes {
+            let Ok(Some(loc)) = self.index.location(ns, hash) else {
+                continue;
+            };
+            let (Some(block), false) = (loc.get(Tier::Host), loc.has(Tier::Disk)) else {
+                continue;
+            };
+            let Ok(lease) = self.index.pin_page(ns, hash, PinKind::Lease, MOVE_LEASE) else {
+                continue;
+            };
+            let Some(meta) = self.page_meta(ns, hash) else {
+                let _ = self.index.release(lease.id);
+                continue;
+            };
+            if disk.used() >= disk.capacity() {
+                let _ = self.make_room(Tier::Disk, ROOM_BATCH);
+            }
+            moves.push(Move {
+                from: host.clone(),
+                slot: SlotId(block.0),
+                to: disk.clone(),
+                meta,
+            });
+            targets.push((ns, hash, Tier::Disk));
+            leases.push(lease);
+        }
+        if !moves.is_empty() {
+            self.queue(moves, targets, leases, MoveKind::WriteThrough);
+        }
+    }
+
+    fn queue(
+        &self,
+        moves: Vec<Move>,
+        targets: Vec<(NamespaceId, PageHash, Tier)>,
+        leases: Vec<Lease>,
+        kind: MoveKind,
+    ) -> PrefetchId {
+        let id = self.next_pending.fetch_add(1, Ordering::Relaxed);
+        let ticket = self.mover.submit(moves);
+        self.pending.lock().push(Pending {
+            id,
+            ticket,
+            targets,
+            leases,
+            kind,
+        });
+        PrefetchId(id)
+    }
+
+    /// Records finished moves (without waiting for unfinished ones).
+    pub fn reap(&self) {
+        let done: Vec<Pending> = {
+            let mut pending = self.pending.lock();
+            let mut done = Vec::new();
+            let mut i = 0;
+            while i < pending.len() {
+                if pending[i].ticket.is_done() {
+                    done.push(pending.swap_remove(i));
+                } else {
+                    i += 1;
+                }
+            }
+            done
+        };
+        for p in done {
+            self.finish(p);
+        }
+    }
+
+    /// Waits for a batch of moves (a lookup's prefetch) and records it.
+    pub fn wait(&self, id: PrefetchId) {
+        let found = {
+            let mut pending = self.pending.lock();
+            pending
+                .iter()
+                .position(|p| p.id == id.0)
+                .map(|i| pending.swap_remove(i))
+        };
+        if let Some(p) = found {
+            self.finish(p);
+        }
+    }
+
+    /// Waits for every move in flight.
+    pub fn flush(&self) {
+        let all: Vec<Pending> = std::mem::take(&mut *self.pending.lock());
+        for p in all {
+            self.finish(p);
+        }
+    }
+
+    fn finish(&self, p: Pending) {
+        let results = p.ticket.wait();
+        for ((ns, hash, tier), r) in p.targets.iter().zip(results) {
+            match r {
+                Ok(dest) => {
+                    if self
+                        .index
+                        .add_location(*ns, *hash, *tier, BlockId(dest.0))
+                        .is_ok()
+                    {
+                        let counter = match p.kind {
+                            MoveKind::Promotion => &self.stats.promotions,
+                            MoveKind::WriteThrough => &self.stats.write_throughs,
+                        };
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    } else if let Some(pool) = self.pool(*tier) {
+                        pool.free(dest);
+                    }
+                }
+                Err(e) => self.count_error(&e),
+            }
+        }
+        for lease in p.leases {
+            let _ = self.index.release(lease.id);
+        }
+    }
+
+    // ---- lookup and load ---------------------------------------------------------
+
+    /// The longest cached prefix of `tokens`, where each page is, and
+    /// optionally a lease on it and the promotion of disk-only pages.
+    pub fn lookup(
+        &self,
+        ns: NamespaceId,
+        tokens: &[u32],
+        options: LookupOptions,
+    ) -> Result<Lookup> {
+        self.reap();
+        let lease = match options.lease {
+            Some(ttl) => match self.index.pin(ns, tokens, PinKind::Lease, ttl) {
+                Ok(l) => Some(l),
+                Err(IndexError::NotCached) => None,
+                Err(e) => return Err(e.into()),
+            },
+            None => None,
+        };
+        let m = self.index.match_prefix(ns, tokens)?;
+        let pages = lease.map_or(m.pages, |l| l.pages.min(m.pages));
+        let ps = self.config.page_size;
+        let hashes = self.index.page_hashes(ns, &tokens[..pages * ps])?;
+        let mut locations = m.locations;
+        locations.truncate(pages);
+        let prefetch = if options.promote {
+            self.promote(ns, &hashes, &locations)
+        } else {
+            None
+        };
+        Ok(Lookup {
+            pages,
+            page_size: ps,
+            locations,
+            hashes,
+            lease,
+            prefetch,
+        })
+    }
+
+    /// Starts copying disk-only pages into host RAM.
+    fn promote(
+        &self,
+        ns: NamespaceId,
+        hashes: &[PageHash],
+        locations: &[PageLocation],
+    ) -> Option<PrefetchId> {
+        let (Some(disk), Some(host)) = (
+            self.pool(Tier::Disk).cloned(),
+            self.pool(Tier::Host).cloned(),
+        ) else {
+            return None;
+        };
+        let wanted: Vec<usize> = (0..locations.len())
+            .filter(|&i| locations[i].has(Tier::Disk) && !locations[i].has(Tier::Host))
+            .collect();
+        if wanted.is_empty() {
+            return None;
+        }
+        let free = host.capacity().saturating_sub(host.used()) as usize;
+        if free < wanted.len() {
+            let _ = self.make_room(Tier::Host, wanted.len() - free);
+        }
+        let mut moves = Vec::new();
+        let mut targets = Vec::new();
+        let mut leases = Vec::new();
+        for i in wanted {
+            let hash = hashes[i];
+            let Ok(lease) = self.index.pin_page(ns, hash, PinKind::Lease, MOVE_LEASE) else {
+                continue;
+            };
+            let Ok(Some(loc)) = self.index.location(ns, hash) else {
+                let _ = self.index.release(lease.id);
+                continue;
+            };
+            let (Some(block), Some(meta)) = (loc.get(Tier::Disk), self.page_meta(ns, hash)) else {
+                let _ = self.index.release(lease.id);
+                continue;
+            };
+            moves.push(Move {
+                from: disk.clone(),
+                slot: SlotId(block.0),
+                to: host.clone(),
+                meta,
+            });
+            targets.push((ns, hash, Tier::Host));
+            leases.push(lease);
+        }
+        (!moves.is_empty()).then(|| self.queue(moves, targets, leases, MoveKind::Promotion))
+    }
+
+    /// Copies page `page` of a lookup into `out`, from the fastest tier that
+    /// holds a sound copy. A copy that fails its checksum is dropped and
+    /// counted, and the next tier is tried; `Ok(None)` means no sound copy
+    /// is left (a miss). Read under the lookup's lease.
+    pub fn read(
+        &self,
+        ns: NamespaceId,
+        lookup: &Lookup,
+        page: usize,
+        out: &mut [u8],
+    ) -> Result<Option<Tier>> {
+        let hash = *lookup.hashes.get(page).ok_or_else(|| {
+            CacheError::InvalidArgument(format!(
+                "page {page} is past the lookup's {}",
+                lookup.pages
+            ))
+        })?;
+        self.read_page(ns, hash, out)
+    }
+
+    /// [`read`](Self::read) by page hash.
+    pub fn read_page(
+        &self,
+        ns: NamespaceId,
+        hash: PageHash,
+        out: &mut [u8],
+    ) -> Result<Option<Tier>> {
+        if out.len() != self.config.block_bytes {
+            return Err(CacheError::InvalidArgument(format!(
+                "buffer of {} bytes, blocks are {}",
+                out.len(),
+                self.config.block_bytes
+            )));
+        }
+        let Some(loc) = self.index.location(ns, hash)? else {
+            return Ok(None);
+        };
+        for (tier, block) in loc.copies() {
+            let Some(pool) = self.pool(tier) else {
+                continue;
+            };
+            match pool.read(SlotId(block.0), out) {
+                Ok(()) => return Ok(Some(tier)),
+                Err(e) => {
+                    self.count_error(&e);
+                    if matches!(e, TierError::Corrupt(_) | TierError::Empty(_)) {
+                        // Never serve it again.
+                        if let Ok(dropped) = self.index.drop_location(ns, hash, tier) {
+                            self.free_dropped(&dropped);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The host copy of a page, in place (no copy), while the caller holds
+    /// a lease on it.
+    pub fn borrow(&self, ns: NamespaceId, hash: PageHash) -> Result<Option<BlockRef<'_>>> {
+        let Some(loc) = self.index.location(ns, hash)? else {
+            return Ok(None);
+        };
+        let Some(block) = loc.get(Tier::Host) else {
+            return Ok(None);
+        };
+        Ok(Some(self.host.block(SlotId(block.0))?))
+    }
+
+    /// Releases a lookup's lease.
+    pub fn release(&self, lease: &Lease) -> Result<()> {
+        Ok(self.index.release(lease.id)?)
+    }
+
+    // ---- restart -------------------------------------------------------------------
+
+    /// Puts the disk tier's blocks back into the index: each page after its
+    /// parent; blocks whose metadata is unreadable, whose layout differs or
+    /// whose parent is gone are freed.
+    fn recover(&self, blocks: Vec<(SlotId, Vec<u8>)>) {
+        let Some(disk) = self.disk.clone() else {
+            return;
+        };
+        struct Rec {
+            slot: SlotId,
+            ns: NamespaceId,
+            parent: Option<PageHash>,
+            tokens: Vec<u32>,
+            hash: PageHash,
+        }
+        let mut children: HashMap<(NamespaceId, Option<PageHash>), Vec<Rec>> = HashMap::new();
+        for (slot, bytes) in blocks {
+            let Ok(m) = meta::decode(&bytes) else {
+                disk.free(slot);
+                continue;
+            };
+            if m.namespace.layout != self.config.layout || m.tokens.len() != self.config.page_size {
+                disk.free(slot);
+                continue;
+            }
+            let Ok(ns) = self.namespace_for(&m.namespace) else {
+                disk.free(slot);
+                continue;
+            };
+            let hash = m
+                .parent
+                .unwrap_or_else(|| m.namespace.seed())
+                .chain(&m.tokens);
+            children.entry((ns, m.parent)).or_default().push(Rec {
+                slot,
+                ns,
+                parent: m.parent,
+                tokens: m.tokens,
+                hash,
+            });
+        }
+        // Breadth first from each namespace's root.
+        let mut queue: Vec<Rec> = children
+            .keys()
+            .filter(|(_, p)| p.is_none())
+            .copied()
+            .collect::<Vec<_>>()
+            .into_iter()
+            .flat_map(|k| children.remove(&k).unwrap_or_default())
+            .collect();
+        while let Some(rec) = queue.pop() {
+            match self.index.insert_after(
+                rec.ns,
+                rec.parent,
+                &rec.tokens,
+                Tier::Disk,
+                &[BlockId(rec.slot.0)],
+            ) {
+                Ok(out) if out.new_pages == 1 => {
+                    if let Some(kids) = children.remove(&(rec.ns, Some(rec.hash))) {
+                        queue.extend(kids);
+                    }
+                }
+                _ => disk.free(rec.slot),
+            }
+        }
+        // Whatever was never reached has no parent on disk.
+        for recs in children.into_values() {
+            for rec in recs {
+                disk.free(rec.slot);
+            }
+        }
+    }
+}
+
+impl Drop for Cache {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}

@@ -1,0 +1,378 @@
+//! The GPU tier (cargo feature `cuda`): block slots in GPU memory through
+//! cudarc, with the CUDA driver loaded at run time.
+//!
+//! [`CudaPool`] is the device tier's [`DevicePool`] over a [`CudaBackend`]:
+//! one device allocation (the slab) of `capacity × stride` bytes, and a few
+//! copy lanes, each a CUDA stream with two pinned (page-locked) staging
+//! chunks. A block moves in chunks, double buffered: while the DMA engine
+//! copies one chunk the CPU fills (or drains) the other. Staging memory is
+//! allocated cacheable, not write-combined, since the CPU reads it back on
+//! device-to-host copies. A transfer waits for a free lane.
+//!
+//! Every driver failure is [`TierError::Device`]; [`CudaPool::new`]
+//! returns an error, never panics, where there is no driver or no GPU.
+//! This module is the only place that names `cudarc`.
+
+use std::fmt;
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, Sender};
+use cudarc::driver::{result, sys, CudaContext, CudaEvent, CudaStream, DriverError};
+
+use crate::device::{DeviceBackend, DevicePool, DevicePoolConfig};
+use crate::{Result, TierError};
+
+/// The device tier on a CUDA GPU.
+pub type CudaPool = DevicePool<CudaBackend>;
+
+impl DevicePool<CudaBackend> {
+    /// Opens the configured GPU and allocates the slab and staging buffers.
+    /// `Device` error (not a panic) when the driver library is missing, no
+    /// GPU is present, or an allocation fails.
+    pub fn new(config: DevicePoolConfig) -> Result<Self> {
+        let backend = CudaBackend::new(&config)?;
+        Self::with_backend(&config, backend)
+    }
+}
+
+fn device_error(what: &'static str) -> impl Fn(DriverError) -> TierError {
+    move |e| TierError::Device(format!("{what}: {e}"))
+}
+
+/// A slab of GPU memory with pinned staging lanes. See the module docs.
+pub struct CudaBackend {
+    // Field order is drop order: lanes (streams, events, staging), then the
+    // slab, then the context they all belong to.
+    lanes_in: Sender<Lane>,
+    lanes_out: Receiver<Lane>,
+    slab: DeviceSlab,
+    chunk: usize,
+    name: String,
+    ctx: Arc<CudaContext>,
+}
+
+impl CudaBackend {
+    /// Opens the GPU `config.ordinal()` and allocates `config.slab_bytes()`
+    /// of device memory and `config.lanes()` staging lanes.
+    pub fn new(config: &DevicePoolConfig) -> Result<Self> {
+        // SAFETY: only tries to load the driver library, calling nothing in it.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(TierError::Device(
+                "no CUDA driver: libcuda could not be loaded".into(),
+            ));
+        }
+        // cudarc panics (rather than erring) on a driver without a symbol it
+        // expects; keep that an error too.
+        std::panic::catch_unwind(|| Self::open(config)).unwrap_or_else(|_| {
+            Err(TierError::Device(
+                "the CUDA driver failed during setup (missing symbol?)".into(),
+            ))
+        })
+    }
+
+    fn open(config: &DevicePoolConfig) -> Result<Self> {
+        let count = CudaContext::device_count().map_err(device_error("counting CUDA devices"))?;
+        let count = usize::try_from(count).unwrap_or(0);
+        if config.ordinal() >= count {
+            return Err(TierError::Device(format!(
+                "CUDA device {} requested, {count} present",
+                config.ordinal()
+            )));
+        }
+        let ctx = CudaContext::new(config.ordinal()).map_err(device_error("opening the device"))?;
+        let name = ctx.name().unwrap_or_else(|_| "unknown".into());
+        let bytes = config.slab_bytes();
+        // SAFETY: `CudaContext::new` made the context current on this
+        // thread; the memory is only reached through the copies below.
+        let ptr = unsafe { result::malloc_sync(bytes) }.map_err(|e| {
+            TierError::Device(format!("allocating {bytes} bytes of device memory: {e}"))
+        })?;
+        let slab = DeviceSlab {
+            ptr,
+            bytes,
+            ctx: ctx.clone(),
+        };
+        let chunk = config.staging_chunk_bytes();
+        let (lanes_in, lanes_out) = crossbeam_channel::bounded(config.lanes());
+        for _ in 0..config.lanes() {
+            let lane = Lane::new(&ctx, chunk)?;
+            lanes_in.send(lane).expect("the channel holds every lane");
+        }
+        Ok(Self {
+            lanes_in,
+            lanes_out,
+            slab,
+            chunk,
+            name,
+            ctx,
+        })
+    }
+
+    /// The GPU's name, as the driver reports it.
+    pub fn device_name(&self) -> &str {
+        &self.name
+    }
+
+    /// The slab's device address (slot offsets are relative to it).
+    pub fn device_ptr(&self) -> u64 {
+        self.slab.ptr
+    }
+
+    fn lane(&self) -> Result<LaneGuard<'_>> {
+        let lane = self
+            .lanes_out
+            .recv()
+            .map_err(|_| TierError::Device("copy lanes are gone".into()))?;
+        self.ctx
+            .bind_to_thread()
+            .map_err(device_error("binding the CUDA context"))?;
+        Ok(LaneGuard {
+            lane: Some(lane),
+            home: &self.lanes_in,
+        })
+    }
+
+    fn device_range(&self, offset: usize, len: usize) -> sys::CUdeviceptr {
+        assert!(
+            offset <= self.slab.bytes && len <= self.slab.bytes - offset,
+            "range {offset}+{len} outside a slab of {} bytes",
+            self.slab.bytes
+        );
+        self.slab.ptr + offset as u64
+    }
+}
+
+impl DeviceBackend for CudaBackend {
+    fn slab_bytes(&self) -> usize {
+        self.slab.bytes
+    }
+
+    unsafe fn copy_in(&self, offset: usize, data: &[u8]) -> Result<()> {
+        let dst = self.device_range(offset, data.len());
+        let mut guard = self.lane()?;
+        let lane = guard.get();
+        let copied = lane.upload(dst, data, self.chunk);
+        // Always drain the stream, even after an error: the staging chunks
+        // must be idle before the lane is handed to another transfer.
+        let drained = lane.stream.synchronize();
+        copied
+            .and(drained)
+            .map_err(device_error("copying a block to the device"))
+    }
+
+    unsafe fn copy_out(&self, offset: usize, out: &mut [u8]) -> Result<()> {
+        let src = self.device_range(offset, out.len());
+        let mut guard = self.lane()?;
+        let lane = guard.get();
+        let copied = lane.download(src, out, self.chunk);
+        let drained = lane.stream.synchronize();
+        copied
+            .and(drained)
+            .map_err(device_error("copying a block from the device"))
+    }
+}
+
+impl fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CudaBackend")
+            .field("device", &self.name)
+            .field("ordinal", &self.ctx.ordinal())
+            .field("slab_bytes", &self.slab.bytes)
+            .field("staging_chunk", &self.chunk)
+            .finish()
+    }
+}
+
+/// The device allocation; freed on drop.
+struct DeviceSlab {
+    ptr: sys::CUdeviceptr,
+    bytes: usize,
+    ctx: Arc<CudaContext>,
+}
+
+impl Drop for DeviceSlab {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: `ptr` came from `malloc_sync` in this context and is
+            // freed once; every copy into or out of it was synchronized
+            // before its lane was returned, and the lanes drop first.
+            let _ = unsafe { result::free_sync(self.ptr) };
+        }
+    }
+}
+
+/// Page-locked host memory; freed on drop.
+struct PinnedChunk {
+    ptr: NonNull<u8>,
+    len: usize,
+    ctx: Arc<CudaContext>,
+}
+
+// SAFETY: plain host memory owned by one lane, which one transfer at a time
+// holds (moved between threads through the lane channel).
+unsafe impl Send for PinnedChunk {}
+
+impl PinnedChunk {
+    fn new(ctx: &Arc<CudaContext>, len: usize) -> Result<Self> {
+        // SAFETY: the context is current on this thread (`Lane::new`
+        // callers bind it); flags 0 asks for cacheable page-locked memory.
+        let ptr = unsafe { result::malloc_host(len, 0) }.map_err(|e| {
+            TierError::Device(format!("allocating {len} bytes of pinned memory: {e}"))
+        })?;
+        let ptr = NonNull::new(ptr.cast::<u8>())
+            .ok_or_else(|| TierError::Device("pinned allocation returned null".into()))?;
+        Ok(Self {
+            ptr,
+            len,
+            ctx: ctx.clone(),
+        })
+    }
+
+    /// The first `len` bytes, to fill or drain. The caller makes sure no
+    /// DMA into or out of the chunk is in flight (its lane's event for the
+    /// chunk has completed).
+    fn bytes_mut(&mut self, len: usize) -> &mut [u8] {
+        assert!(len <= self.len);
+        // SAFETY: `ptr` points to `self.len` bytes we own; `&mut self`
+        // makes this the only Rust reference; the caller (a lane method)
+        // has waited for the DMA engine to be done with them.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), len) }
+    }
+}
+
+impl Drop for PinnedChunk {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: allocated by `malloc_host`, freed once, and idle: the
+            // lane's stream was synchronized after its last transfer.
+            let _ = unsafe { result::free_host(self.ptr.as_ptr().cast()) };
+        }
+    }
+}
+
+/// One stream with two staging chunks and an event per chunk that marks
+/// when its last DMA finished.
+struct Lane {
+    stream: Arc<CudaStream>,
+    staging: [PinnedChunk; 2],
+    done: [CudaEvent; 2],
+}
+
+impl Lane {
+    fn new(ctx: &Arc<CudaContext>, chunk: usize) -> Result<Self> {
+        let stream = ctx
+            .new_stream()
+            .map_err(device_error("creating a CUDA stream"))?;
+        ctx.bind_to_thread()
+            .map_err(device_error("binding the CUDA context"))?;
+        let staging = [PinnedChunk::new(ctx, chunk)?, PinnedChunk::new(ctx, chunk)?];
+        let event = || {
+            ctx.new_event(None)
+                .map_err(device_error("creating a CUDA event"))
+        };
+        let done = [event()?, event()?];
+        Ok(Self {
+            stream,
+            staging,
+            done,
+        })
+    }
+
+    /// Queues `data` to `dst` chunk by chunk. On return copies may still be
+    /// in flight: the caller synchronizes the stream.
+    fn upload(
+        &mut self,
+        dst: sys::CUdeviceptr,
+        data: &[u8],
+        chunk: usize,
+    ) -> std::result::Result<(), DriverError> {
+        for (i, piece) in data.chunks(chunk).enumerate() {
+            let b = i % 2;
+            if i >= 2 {
+                // Chunk `b` still feeds the copy of piece i-2.
+                self.done[b].synchronize()?;
+            }
+            let staging = self.staging[b].bytes_mut(piece.len());
+            staging.copy_from_slice(piece);
+            // SAFETY: the destination range lies in the slab (checked by
+            // `device_range`); the source is pinned memory that stays
+            // allocated and untouched until `done[b]` (recorded next) fires.
+            unsafe {
+                result::memcpy_htod_async(
+                    dst + (i * chunk) as u64,
+                    &*staging,
+                    self.stream.cu_stream(),
+                )
+            }?;
+            self.done[b].record(&self.stream)?;
+        }
+        Ok(())
+    }
+
+    /// Copies from `src` into `out` chunk by chunk, the next chunk's DMA
+    /// overlapping the CPU's copy-out of the current one.
+    fn download(
+        &mut self,
+        src: sys::CUdeviceptr,
+        out: &mut [u8],
+        chunk: usize,
+    ) -> std::result::Result<(), DriverError> {
+        let total = out.len();
+        let pieces = total.div_ceil(chunk);
+        let piece_len = |i: usize| chunk.min(total - i * chunk);
+        if pieces > 0 {
+            self.queue_download(0, src, piece_len(0), chunk)?;
+        }
+        for (i, piece) in out.chunks_mut(chunk).enumerate() {
+            if i + 1 < pieces {
+                // Chunk (i+1)%2 last held piece i-1, already drained.
+                self.queue_download(i + 1, src, piece_len(i + 1), chunk)?;
+            }
+            let b = i % 2;
+            self.done[b].synchronize()?;
+            piece.copy_from_slice(self.staging[b].bytes_mut(piece.len()));
+        }
+        Ok(())
+    }
+
+    fn queue_download(
+        &mut self,
+        i: usize,
+        src: sys::CUdeviceptr,
+        len: usize,
+        chunk: usize,
+    ) -> std::result::Result<(), DriverError> {
+        let b = i % 2;
+        let staging = self.staging[b].bytes_mut(len);
+        // SAFETY: the source range lies in the slab; the pinned destination
+        // is not read until `done[b]`, recorded next, has completed.
+        unsafe {
+            result::memcpy_dtoh_async(staging, src + (i * chunk) as u64, self.stream.cu_stream())
+        }?;
+        self.done[b].record(&self.stream)
+    }
+}
+
+/// A lane checked out for one transfer; goes back to the channel on drop.
+struct LaneGuard<'a> {
+    lane: Option<Lane>,
+    home: &'a Sender<Lane>,
+}
+
+impl LaneGuard<'_> {
+    fn get(&mut self) -> &mut Lane {
+        self.lane
+            .as_mut()
+            .expect("a guard holds its lane until dropped")
+    }
+}
+
+impl Drop for LaneGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(lane) = self.lane.take() {
+            // The receiver lives as long as the backend that lent the lane.
+            let _ = self.home.send(lane);
+        }
+    }
+}

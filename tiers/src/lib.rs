@@ -1,0 +1,121 @@
+//! radixkv's block storage: fixed-size slots of KV-cache blocks on three
+//! media — GPU memory ([`device`], feature `cuda`), host RAM ([`host`]) and
+//! disk ([`disk`]) — and the moves between them.
+//!
+//! This crate knows bytes and devices, never tokens: a block is opaque bytes
+//! of a fixed size, plus an opaque metadata record that the caller hands
+//! down and gets back after a restart. It never decides what to evict; the
+//! index does, and the caller tells the pools what to write, read and free.
+//!
+//! Promises every pool keeps:
+//! - a block is readable only once it was fully written;
+//! - a block that fails its checksum is [`TierError::Corrupt`], never data;
+//! - a slot is reused only after the caller frees it (so a leased block is
+//!   never overwritten while the caller holds its lease).
+
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod device;
+pub mod disk;
+mod error;
+pub mod host;
+pub mod io;
+pub mod mover;
+
+pub use error::{Result, TierError};
+
+/// The medium a pool keeps its blocks on, fastest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Medium {
+    Device,
+    Host,
+    Disk,
+}
+
+impl Medium {
+    pub fn name(self) -> &'static str {
+        match self {
+            Medium::Device => "device",
+            Medium::Host => "host",
+            Medium::Disk => "disk",
+        }
+    }
+}
+
+/// A slot in one pool. Slots are numbered from zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotId(pub u32);
+
+/// The fixed shape of a pool's blocks. A pool reopened (or a shared-memory
+/// region mapped) with a different geometry holds nothing of the old one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BlockGeometry {
+    /// Bytes of one block (one page of KV, all layers).
+    pub block_bytes: usize,
+    /// Largest metadata record a block carries (disk keeps it for recovery).
+    pub max_meta_bytes: usize,
+    /// A digest of the KV layout the bytes follow (model, layers, heads,
+    /// dtype, page size), chosen by the caller.
+    pub layout_digest: u64,
+}
+
+impl BlockGeometry {
+    pub fn new(block_bytes: usize, max_meta_bytes: usize, layout_digest: u64) -> Result<Self> {
+        if block_bytes == 0 {
+            return Err(TierError::InvalidConfig(
+                "block size must be above zero".into(),
+            ));
+        }
+        if block_bytes > MAX_BLOCK_BYTES {
+            return Err(TierError::InvalidConfig(format!(
+                "block size {block_bytes} exceeds the limit of {MAX_BLOCK_BYTES} bytes"
+            )));
+        }
+        if max_meta_bytes > MAX_META_BYTES {
+            return Err(TierError::InvalidConfig(format!(
+                "metadata size {max_meta_bytes} exceeds the limit of {MAX_META_BYTES} bytes"
+            )));
+        }
+        Ok(Self {
+            block_bytes,
+            max_meta_bytes,
+            layout_digest,
+        })
+    }
+}
+
+/// Largest block a pool accepts (256 MiB).
+pub const MAX_BLOCK_BYTES: usize = 256 << 20;
+/// Largest metadata record (64 KiB).
+pub const MAX_META_BYTES: usize = 64 << 10;
+
+/// A pool of fixed-size block slots on one medium. Implementations are
+/// shared across threads; each slot is written by one caller at a time.
+pub trait BlockPool: Send + Sync + std::fmt::Debug {
+    fn medium(&self) -> Medium;
+
+    fn geometry(&self) -> &BlockGeometry;
+
+    /// Number of slots.
+    fn capacity(&self) -> u32;
+
+    /// Slots allocated (being written or holding a block).
+    fn used(&self) -> u32;
+
+    /// Reserves a free slot to write, or [`TierError::Full`].
+    fn allocate(&self) -> Result<SlotId>;
+
+    /// Writes a whole block (exactly `block_bytes`) and its metadata into a
+    /// slot from [`allocate`](Self::allocate). The block is readable once
+    /// this returns `Ok`; after an error the slot holds nothing readable
+    /// (the caller frees it).
+    fn write(&self, slot: SlotId, data: &[u8], meta: &[u8]) -> Result<()>;
+
+    /// Copies a block into `out` (exactly `block_bytes`), checking its
+    /// checksum where the medium keeps one.
+    fn read(&self, slot: SlotId, out: &mut [u8]) -> Result<()>;
+
+    /// Returns a slot to the free list. The caller guarantees that nobody
+    /// reads it any more.
+    fn free(&self, slot: SlotId);
+}
