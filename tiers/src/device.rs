@@ -22,7 +22,7 @@
 
 use std::fmt;
 
-use crate::host::{check_len, round_up, slots_for_budget, Region, SlotTable};
+use crate::host::{round_up, slots_for_budget, Region, SlotTable};
 use crate::{BlockGeometry, BlockPool, Medium, Result, SlotId, TierError};
 
 /// Alignment of device slots: every block starts on a 256-byte boundary,
@@ -266,13 +266,7 @@ impl<B: DeviceBackend> BlockPool for DevicePool<B> {
     /// backend failure is `Device` and leaves the slot reserved and empty.
     fn write(&self, slot: SlotId, data: &[u8], meta: &[u8]) -> Result<()> {
         self.slots.check(slot)?;
-        check_len(data.len(), &self.geometry)?;
-        if meta.len() > self.geometry.max_meta_bytes {
-            return Err(TierError::MetaTooLarge {
-                got: meta.len(),
-                limit: self.geometry.max_meta_bytes,
-            });
-        }
+        self.geometry.check_write(data, meta)?;
         self.slots.begin_write(slot)?;
         // SAFETY: the slot's range lies in the slab (`with_backend` checked
         // the slab holds every slot), and `begin_write` gave this call the
@@ -290,7 +284,7 @@ impl<B: DeviceBackend> BlockPool for DevicePool<B> {
 
     fn read(&self, slot: SlotId, out: &mut [u8]) -> Result<()> {
         self.slots.check(slot)?;
-        check_len(out.len(), &self.geometry)?;
+        self.geometry.check_block_len(out.len())?;
         self.slots.pin(slot)?;
         // SAFETY: in the slab (as above); pinned readable, so no write to
         // the slot starts until the unpin below.

@@ -1587,18 +1587,7 @@ impl BlockPool for DiskPool {
     /// already holds a block is [`TierError::Empty`].
     fn write(&self, slot: SlotId, data: &[u8], meta: &[u8]) -> Result<()> {
         let s = self.check_slot_id(slot)?;
-        if data.len() != self.geometry.block_bytes {
-            return Err(TierError::WrongLength {
-                got: data.len(),
-                expected: self.geometry.block_bytes,
-            });
-        }
-        if meta.len() > self.geometry.max_meta_bytes {
-            return Err(TierError::MetaTooLarge {
-                got: meta.len(),
-                limit: self.geometry.max_meta_bytes,
-            });
-        }
+        self.geometry.check_write(data, meta)?;
         {
             let mut inner = self.inner.lock();
             let state = &mut inner.slots[s as usize];
@@ -1654,12 +1643,7 @@ impl BlockPool for DiskPool {
     /// `out` is zeroed.
     fn read(&self, slot: SlotId, out: &mut [u8]) -> Result<()> {
         let s = self.check_slot_id(slot)?;
-        if out.len() != self.geometry.block_bytes {
-            return Err(TierError::WrongLength {
-                got: out.len(),
-                expected: self.geometry.block_bytes,
-            });
-        }
+        self.geometry.check_block_len(out.len())?;
         let exp = match &self.inner.lock().slots[s as usize] {
             SlotState::Ready(e) => e.clone(),
             _ => return Err(TierError::Empty(slot)),

@@ -659,26 +659,6 @@ impl HostPool {
     fn offset(&self, slot: SlotId) -> usize {
         self.data_offset + slot.0 as usize * self.stride
     }
-
-    fn check_meta(&self, meta: &[u8]) -> Result<()> {
-        if meta.len() > self.geometry.max_meta_bytes {
-            return Err(TierError::MetaTooLarge {
-                got: meta.len(),
-                limit: self.geometry.max_meta_bytes,
-            });
-        }
-        Ok(())
-    }
-}
-
-pub(crate) fn check_len(got: usize, geometry: &BlockGeometry) -> Result<()> {
-    if got != geometry.block_bytes {
-        return Err(TierError::WrongLength {
-            got,
-            expected: geometry.block_bytes,
-        });
-    }
-    Ok(())
 }
 
 impl BlockPool for HostPool {
@@ -706,8 +686,7 @@ impl BlockPool for HostPool {
     /// writing (free, already written, or another write is under way).
     fn write(&self, slot: SlotId, data: &[u8], meta: &[u8]) -> Result<()> {
         self.slots.check(slot)?;
-        check_len(data.len(), &self.geometry)?;
-        self.check_meta(meta)?;
+        self.geometry.check_write(data, meta)?;
         self.slots.begin_write(slot)?;
         // SAFETY: `begin_write` moved the slot from reserved to writing,
         // which only one caller can do; readers pin only readable slots, so
@@ -722,7 +701,7 @@ impl BlockPool for HostPool {
 
     fn read(&self, slot: SlotId, out: &mut [u8]) -> Result<()> {
         self.slots.check(slot)?;
-        check_len(out.len(), &self.geometry)?;
+        self.geometry.check_block_len(out.len())?;
         self.slots.pin(slot)?;
         // SAFETY: pinned readable: no writer until the unpin below.
         unsafe { self.region.copy_out(self.offset(slot), out) };

@@ -84,6 +84,31 @@ impl BlockGeometry {
     }
 }
 
+impl BlockGeometry {
+    /// `WrongLength` unless a buffer of `got` bytes holds exactly one block.
+    pub fn check_block_len(&self, got: usize) -> Result<()> {
+        if got != self.block_bytes {
+            return Err(TierError::WrongLength {
+                got,
+                expected: self.block_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// The checks every pool's `write` makes on its arguments.
+    pub fn check_write(&self, data: &[u8], meta: &[u8]) -> Result<()> {
+        self.check_block_len(data.len())?;
+        if meta.len() > self.max_meta_bytes {
+            return Err(TierError::MetaTooLarge {
+                got: meta.len(),
+                limit: self.max_meta_bytes,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Largest block a pool accepts (256 MiB).
 pub const MAX_BLOCK_BYTES: usize = 256 << 20;
 /// Largest metadata record (64 KiB).
