@@ -127,6 +127,9 @@ pub struct Cache {
     pending: Mutex<Vec<Pending>>,
     next_pending: AtomicU64,
     namespaces: Mutex<HashMap<NamespaceId, Vec<u8>>>,
+    /// Copies that failed their checks while a lease covered their page
+    /// (a leased page's copies cannot be dropped): dropped once none does.
+    bad_copies: Mutex<Vec<(NamespaceId, PageHash, Tier, BlockId)>>,
     stats: CacheStats,
 }
 
@@ -180,6 +183,7 @@ impl Cache {
             pending: Mutex::new(Vec::new()),
             next_pending: AtomicU64::new(1),
             namespaces: Mutex::new(HashMap::new()),
+            bad_copies: Mutex::new(Vec::new()),
             stats: CacheStats::default(),
         };
         cache.recover(recovered.into_iter().map(|r| (r.slot, r.meta)).collect());
@@ -395,7 +399,13 @@ impl Cache {
             self.free_dropped(&evicted);
             return Ok(evicted.iter().filter(|e| e.dropped.has(tier)).count());
         };
-        let candidates = self.index.eviction_candidates(tier, pages);
+        let mut candidates = self.index.eviction_candidates(tier, pages);
+        // Expired leases are reclaimed by writes to their namespace, and
+        // candidates are read under a shared lock: a lease that was never
+        // released would keep its pages out of reach until then.
+        if candidates.is_empty() && self.index.reclaim_expired() > 0 {
+            candidates = self.index.eviction_candidates(tier, pages);
+        }
         let mut freed = 0;
         for c in candidates {
             let Some(block) = c.location.get(tier) else {
@@ -471,6 +481,9 @@ impl Cache {
     fn count_error(&self, e: &TierError) {
         match e {
             TierError::Corrupt(_) => self.stats.corrupt_blocks.fetch_add(1, Ordering::Relaxed),
+            // A move into a tier with no free slot (all pinned or in flight)
+            // is skipped, not an I/O error.
+            TierError::Full => return,
             _ => self.stats.io_errors.fetch_add(1, Ordering::Relaxed),
         };
     }
@@ -538,6 +551,7 @@ impl Cache {
 
     /// Records finished moves (without waiting for unfinished ones).
     pub fn reap(&self) {
+        self.drop_bad_copies();
         let done: Vec<Pending> = {
             let mut pending = self.pending.lock();
             let mut done = Vec::new();
@@ -597,12 +611,27 @@ impl Cache {
                         pool.free(dest);
                     }
                 }
-                Err(e) => self.count_error(&e),
+                Err(e) => {
+                    self.count_error(&e);
+                    if let TierError::Corrupt(_) = e {
+                        // The source failed its checks: never move it again.
+                        let from = match p.kind {
+                            MoveKind::Promotion => Tier::Disk,
+                            MoveKind::WriteThrough => Tier::Host,
+                        };
+                        if let Ok(Some(loc)) = self.index.location(*ns, *hash) {
+                            if let Some(block) = loc.get(from) {
+                                self.bad_copies.lock().push((*ns, *hash, from, block));
+                            }
+                        }
+                    }
+                }
             }
         }
         for lease in p.leases {
             let _ = self.index.release(lease.id);
         }
+        self.drop_bad_copies();
     }
 
     // ---- lookup and load ---------------------------------------------------------
@@ -635,6 +664,21 @@ impl Cache {
         } else {
             None
         };
+        if let WriteMode::WriteThroughAfterHits(min_hits) = self.config.write_mode {
+            // Pages reused often enough earn a disk copy.
+            let earned: Vec<PageHash> = hashes
+                .iter()
+                .zip(&locations)
+                .filter(|(_, l)| l.has(Tier::Host) && !l.has(Tier::Disk))
+                .filter(
+                    |(h, _)| matches!(self.index.page_hits(ns, **h), Ok(Some(n)) if n >= min_hits),
+                )
+                .map(|(h, _)| *h)
+                .collect();
+            if !earned.is_empty() {
+                self.write_through(ns, &earned);
+            }
+        }
         Ok(Lookup {
             pages,
             page_size: ps,
@@ -742,10 +786,14 @@ impl Cache {
                 Err(e) => {
                     self.count_error(&e);
                     if matches!(e, TierError::Corrupt(_) | TierError::Empty(_)) {
-                        // Never serve it again.
-                        if let Ok(dropped) = self.index.drop_location(ns, hash, tier) {
-                            self.free_dropped(&dropped);
+                        // Never serve it again (under a lease: once released).
+                        let bad = (ns, hash, tier, block);
+                        let mut bad_copies = self.bad_copies.lock();
+                        if !bad_copies.contains(&bad) {
+                            bad_copies.push(bad);
                         }
+                        drop(bad_copies);
+                        self.drop_bad_copies();
                     }
                 }
             }
@@ -767,7 +815,29 @@ impl Cache {
 
     /// Releases a lookup's lease.
     pub fn release(&self, lease: &Lease) -> Result<()> {
-        Ok(self.index.release(lease.id)?)
+        self.index.release(lease.id)?;
+        self.drop_bad_copies();
+        Ok(())
+    }
+
+    /// Drops the copies that failed their checks, except those a lease
+    /// still covers (kept for later) and those gone or replaced since.
+    fn drop_bad_copies(&self) {
+        let bad = std::mem::take(&mut *self.bad_copies.lock());
+        let mut kept = Vec::new();
+        for (ns, hash, tier, block) in bad {
+            if !matches!(self.index.location(ns, hash), Ok(Some(l)) if l.get(tier) == Some(block)) {
+                continue;
+            }
+            match self.index.drop_location(ns, hash, tier) {
+                Ok(dropped) => self.free_dropped(&dropped),
+                Err(IndexError::Pinned) => kept.push((ns, hash, tier, block)),
+                Err(_) => {}
+            }
+        }
+        if !kept.is_empty() {
+            self.bad_copies.lock().extend(kept);
+        }
     }
 
     // ---- restart -------------------------------------------------------------------

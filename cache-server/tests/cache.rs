@@ -314,3 +314,38 @@ fn a_restart_comes_back_warm_and_a_new_layout_comes_back_cold() {
         0
     );
 }
+
+#[test]
+fn write_through_after_hits_copies_only_reused_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = CacheConfig::builder(PAGE, BLOCK, "test-layout")
+        .host_bytes(64 * BLOCK)
+        .disk(dir.path(), (64 * (BLOCK + 4096 + 1024)) as u64)
+        .write_mode(WriteMode::WriteThroughAfterHits(2))
+        .build()
+        .unwrap();
+    let cache = Cache::open(cfg).unwrap();
+    let ns = cache.namespace("t", "m", "").unwrap();
+    let reused = prompt(1, 3);
+    let once = prompt(2, 3);
+    cache.store(ns, &reused, 0, &data(1, 0..3)).unwrap();
+    cache.store(ns, &once, 0, &data(2, 0..3)).unwrap();
+    cache.lookup(ns, &once, LookupOptions::default()).unwrap();
+    cache.lookup(ns, &reused, LookupOptions::default()).unwrap();
+    cache.flush();
+    assert_eq!(
+        cache.disk_pool().unwrap().used(),
+        0,
+        "one hit earns no disk copy"
+    );
+    cache.lookup(ns, &reused, LookupOptions::default()).unwrap();
+    cache.flush();
+    assert_eq!(cache.stats().write_throughs.load(Ordering::Relaxed), 3);
+    let l = cache.lookup(ns, &reused, LookupOptions::default()).unwrap();
+    assert!(l
+        .locations
+        .iter()
+        .all(|loc| loc.has(Tier::Disk) && loc.has(Tier::Host)));
+    let l = cache.lookup(ns, &once, LookupOptions::default()).unwrap();
+    assert!(l.locations.iter().all(|loc| !loc.has(Tier::Disk)));
+}

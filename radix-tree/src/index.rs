@@ -492,6 +492,12 @@ impl RadixIndex {
         Ok(self.entry(ns)?.tree.read().location_of(hash))
     }
 
+    /// How many lookups have hit a page (counted for the run of pages it
+    /// shares a node with); `None` if it is not cached.
+    pub fn page_hits(&self, ns: NamespaceId, hash: PageHash) -> Result<Option<u32>> {
+        Ok(self.entry(ns)?.tree.read().page_hits(hash))
+    }
+
     /// A cached page's parent page and tokens (what a tier needs to store
     /// with a block so that the page can be indexed again after a restart).
     pub fn page_tokens(

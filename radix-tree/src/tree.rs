@@ -422,6 +422,12 @@ impl Tree {
             .map(|(n, off)| self.nodes[n as usize].slots[off].loc)
     }
 
+    /// Lookups that matched the whole node holding a page.
+    pub(crate) fn page_hits(&self, hash: PageHash) -> Option<u32> {
+        let (n, _) = self.locate(hash)?;
+        Some(self.nodes[n as usize].stats.hits())
+    }
+
     /// A cached page's parent and tokens.
     pub(crate) fn page_tokens(&self, hash: PageHash) -> Option<(Option<PageHash>, Vec<u32>)> {
         let (n, off) = self.locate(hash)?;
