@@ -557,7 +557,9 @@ impl RadixIndex {
     /// (the caller frees or demotes them) and which remain.
     pub fn evict(&self, tier: Tier, pages: usize) -> Vec<EvictedPage> {
         let entries: Vec<&NamespaceEntry> = self.entries().collect();
-        let mut out = Vec::new();
+        // Usually one entry per evicted copy; more only when a page's last
+        // copy goes and takes the pages after it.
+        let mut out = Vec::with_capacity(pages.min(1 << 16));
         let mut done = 0;
         if let [entry] = entries.as_slice() {
             done += self.write_op(entry, |tree, ctx| {

@@ -22,6 +22,8 @@ use std::collections::{BTreeSet, HashMap};
 
 pub(crate) const ROOT: u32 = 0;
 const NOT_IN_SET: u64 = u64::MAX;
+/// Freed nodes keep page buffers up to this many pages for reuse.
+const RECYCLED_PAGES: usize = 64;
 
 #[derive(Debug)]
 pub(crate) struct Node {
@@ -883,8 +885,14 @@ impl Tree {
         let parent_before = self.presence(parent);
         let mut node = Node::new(parent, depth, ctx.tick);
         node.priority = priority;
-        node.tokens = tokens.to_vec();
-        node.slots = Vec::with_capacity(pages);
+        // Reuse the buffers of the node slot this one will take, if any.
+        if let Some(&free) = self.free.last() {
+            let old = &mut self.nodes[free as usize];
+            node.tokens = std::mem::take(&mut old.tokens);
+            node.slots = std::mem::take(&mut old.slots);
+        }
+        node.tokens.extend_from_slice(tokens);
+        node.slots.reserve_exact(pages);
         let first_parent = (parent != ROOT).then_some(prev);
         for (i, page) in tokens.chunks_exact(ps).enumerate() {
             prev = prev.chain(page);
@@ -1118,8 +1126,19 @@ impl Tree {
             }
         }
         let node = &mut self.nodes[n as usize];
+        // Keep small buffers (emptied) for the next node to take this slot:
+        // the churn of evicting and inserting short prompts then costs no
+        // allocation. Large ones go back to the allocator.
+        let mut tokens = std::mem::take(&mut node.tokens);
+        let mut slots = std::mem::take(&mut node.slots);
         *node = Node::new(ROOT, 0, 0);
         node.alive = false;
+        if slots.capacity() <= RECYCLED_PAGES {
+            tokens.clear();
+            slots.clear();
+            node.tokens = tokens;
+            node.slots = slots;
+        }
         self.free.push(n);
         self.live_nodes -= 1;
     }
