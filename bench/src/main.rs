@@ -7,6 +7,7 @@ mod capacity;
 mod peer_dynamo;
 mod replay;
 mod report;
+mod tiers;
 mod trace;
 
 use anyhow::{bail, Result};
@@ -31,6 +32,12 @@ enum Command {
     /// policy and capacity, beside the infinite-cache ceiling and the
     /// offline optimum (Belady).
     Replay(ReplayArgs),
+    /// Benchmark the cache's tiers (host RAM and a disk directory): lookup
+    /// latency percentiles over a cached 8k-token prompt, idle and while
+    /// another thread's stores force continuous demotion host->disk
+    /// (target: p99 under the storm within 2x of idle); and a warm restart,
+    /// reopening a disk tier of 100k blocks and rebuilding the index.
+    Tiers(tiers::TiersArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -67,6 +74,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Replay(args) => run_replay(args),
+        Command::Tiers(args) => tiers::run(&args),
     }
 }
 
