@@ -10,7 +10,7 @@ use crate::error::{CacheError, Result};
 use crate::meta;
 use parking_lot::Mutex;
 use radix_tree::{
-    BlockId, EvictedPage, IndexConfig, IndexError, Lease, NamespaceConfig, NamespaceId,
+    BlockId, Candidate, EvictedPage, IndexConfig, IndexError, Lease, NamespaceConfig, NamespaceId,
     NamespaceKey, PageHash, PageLocation, PinKind, RadixIndex, Tier, TIERS,
 };
 use std::collections::HashMap;
@@ -127,6 +127,8 @@ pub struct Cache {
     pending: Mutex<Vec<Pending>>,
     next_pending: AtomicU64,
     namespaces: Mutex<HashMap<NamespaceId, Vec<u8>>>,
+    /// Held by the one caller making room on each tier.
+    room_locks: [Mutex<()>; TIERS],
     /// Copies that failed their checks while a lease covered their page
     /// (a leased page's copies cannot be dropped): dropped once none does.
     bad_copies: Mutex<Vec<(NamespaceId, PageHash, Tier, BlockId)>>,
@@ -183,6 +185,7 @@ impl Cache {
             pending: Mutex::new(Vec::new()),
             next_pending: AtomicU64::new(1),
             namespaces: Mutex::new(HashMap::new()),
+            room_locks: Default::default(),
             bad_copies: Mutex::new(Vec::new()),
             stats: CacheStats::default(),
         };
@@ -377,7 +380,7 @@ impl Cache {
             match pool.allocate() {
                 Ok(slot) => return Ok(slot),
                 Err(TierError::Full) => {
-                    if self.make_room(tier, ROOM_BATCH)? > 0 {
+                    if self.make_room(tier, 1)? > 0 {
                         continue;
                     }
                     // Pages pinned by moves in flight free up once those land.
@@ -393,7 +396,24 @@ impl Cache {
 
     /// Frees up to `pages` slots of `tier`: copies without a lower copy move
     /// down first (write-back), the rest are dropped. Returns slots freed.
-    fn make_room(&self, tier: Tier, pages: usize) -> Result<usize> {
+    /// Frees slots on `tier` until `want` are free (or nothing more can
+    /// go), evicting at least a batch at a time. Returns the free slots.
+    fn make_room(&self, tier: Tier, want: usize) -> Result<usize> {
+        // One demoter per tier: only this function drops copies of a tier
+        // that has a tier below it, so while it copies a block down, nothing
+        // else can free that block's slot (and readers hold leases, which
+        // make the drop fail instead).
+        let _demoter = self.room_locks[tier.index()].lock();
+        let Some(pool) = self.pool(tier) else {
+            return Ok(0);
+        };
+        let free = pool.capacity().saturating_sub(pool.used()) as usize;
+        if free >= want {
+            // Another caller made room while this one waited.
+            return Ok(free);
+        }
+        // A batch, but never most of a small tier at once.
+        let pages = (want - free).max(ROOM_BATCH.min(pool.capacity() as usize / 8).max(1));
         let Some(lower) = self.below(tier) else {
             let evicted = self.index.evict(tier, pages);
             self.free_dropped(&evicted);
@@ -406,68 +426,78 @@ impl Cache {
         if candidates.is_empty() && self.index.reclaim_expired() > 0 {
             candidates = self.index.eviction_candidates(tier, pages);
         }
+        let unsaved: Vec<&Candidate> = candidates
+            .iter()
+            .filter(|c| !c.location.has(lower))
+            .collect();
+        if !unsaved.is_empty() {
+            self.demote(&unsaved, tier, lower);
+        }
+        // Drop this tier's copies, one locked call per namespace.
         let mut freed = 0;
-        for c in candidates {
-            let Some(block) = c.location.get(tier) else {
-                continue;
-            };
-            if !c.location.has(lower) {
-                self.demote(c.ns, c.hash, tier, block, lower);
-            }
-            match self.index.drop_location(c.ns, c.hash, tier) {
-                Ok(dropped) => {
-                    freed += dropped.iter().filter(|e| e.dropped.has(tier)).count();
-                    self.free_dropped(&dropped);
-                }
-                // Leased, or gone since: not ours to free.
-                Err(IndexError::Pinned | IndexError::UnknownPage(_) | IndexError::NotPresent) => {}
-                Err(e) => return Err(e.into()),
-            }
+        let mut by_ns: HashMap<NamespaceId, Vec<(PageHash, Tier)>> = HashMap::new();
+        for c in &candidates {
+            by_ns.entry(c.ns).or_default().push((c.hash, tier));
+        }
+        for (ns, copies) in by_ns {
+            // Leased pages keep their copy; pages gone since are not ours.
+            let (dropped, _) = self.index.drop_locations(ns, &copies)?;
+            freed += dropped.iter().filter(|e| e.dropped.has(tier)).count();
+            self.free_dropped(&dropped);
         }
         Ok(freed)
     }
 
-    /// Copies one page's block from `tier` to `lower` and records the copy;
-    /// on any failure the page simply has no lower copy.
-    fn demote(&self, ns: NamespaceId, hash: PageHash, tier: Tier, block: BlockId, lower: Tier) {
-        let Ok(lease) = self.index.pin_page(ns, hash, PinKind::Lease, MOVE_LEASE) else {
+    /// Copies a round of eviction candidates from `tier` to `lower` in one
+    /// batch of moves and records the new copies; a page whose copy fails
+    /// simply has no lower copy.
+    fn demote(&self, candidates: &[&Candidate], tier: Tier, lower: Tier) {
+        let (Some(from), Some(to)) = (self.pool(tier).cloned(), self.pool(lower).cloned()) else {
             return;
         };
-        // Under the lease the copy cannot go; check it is still the one named.
-        let still_there =
-            matches!(self.index.location(ns, hash), Ok(Some(l)) if l.get(tier) == Some(block));
-        let meta = self.page_meta(ns, hash);
-        if let (true, Some(meta)) = (still_there, meta) {
-            let (from, to) = (self.pool(tier).cloned(), self.pool(lower).cloned());
-            if let (Some(from), Some(to)) = (from, to) {
-                // Room below first, so the move does not fail on a full pool.
-                if to.used() >= to.capacity() {
-                    let _ = self.make_room(lower, ROOM_BATCH);
-                }
-                let m = Move {
-                    from,
-                    slot: SlotId(block.0),
-                    to: to.clone(),
-                    meta,
-                };
-                match self.mover.submit(vec![m]).wait().pop() {
-                    Some(Ok(dest)) => {
-                        if self
-                            .index
-                            .add_location(ns, hash, lower, BlockId(dest.0))
-                            .is_ok()
-                        {
-                            self.stats.demotions.fetch_add(1, Ordering::Relaxed);
-                        } else {
-                            to.free(dest);
-                        }
+        // Room below first, so the moves do not fail on a full pool.
+        let _ = self.make_room(lower, candidates.len());
+        let mut moves = Vec::with_capacity(candidates.len());
+        let mut pages = Vec::with_capacity(candidates.len());
+        for c in candidates {
+            let (Some(block), Some(meta)) = (c.location.get(tier), self.page_meta(c.ns, c.hash))
+            else {
+                continue;
+            };
+            moves.push(Move {
+                from: from.clone(),
+                slot: SlotId(block.0),
+                to: to.clone(),
+                meta,
+            });
+            pages.push((c.ns, c.hash));
+        }
+        let results = self.mover.submit(moves).wait();
+        let mut by_ns: HashMap<NamespaceId, Vec<(PageHash, Tier, BlockId)>> = HashMap::new();
+        for (&(ns, hash), r) in pages.iter().zip(results) {
+            match r {
+                Ok(dest) => by_ns
+                    .entry(ns)
+                    .or_default()
+                    .push((hash, lower, BlockId(dest.0))),
+                Err(e) => self.count_error(&e),
+            }
+        }
+        for (ns, copies) in by_ns {
+            let recorded = self
+                .index
+                .add_locations(ns, &copies)
+                .unwrap_or_else(|e| vec![Err(e); copies.len()]);
+            for ((_, _, dest), r) in copies.iter().zip(recorded) {
+                match r {
+                    Ok(()) => {
+                        self.stats.demotions.fetch_add(1, Ordering::Relaxed);
                     }
-                    Some(Err(e)) => self.count_error(&e),
-                    None => {}
+                    // The page left meanwhile, or has a copy there already.
+                    Err(_) => to.free(SlotId(dest.0)),
                 }
             }
         }
-        let _ = self.index.release(lease.id);
     }
 
     fn page_meta(&self, ns: NamespaceId, hash: PageHash) -> Option<Vec<u8>> {
@@ -513,9 +543,7 @@ impl Cache {
                 let _ = self.index.release(lease.id);
                 continue;
             };
-            if disk.used() >= disk.capacity() {
-                let _ = self.make_room(Tier::Disk, ROOM_BATCH);
-            }
+            let _ = self.make_room(Tier::Disk, 1);
             moves.push(Move {
                 from: host.clone(),
                 slot: SlotId(block.0),
@@ -708,10 +736,7 @@ impl Cache {
         if wanted.is_empty() {
             return None;
         }
-        let free = host.capacity().saturating_sub(host.used()) as usize;
-        if free < wanted.len() {
-            let _ = self.make_room(Tier::Host, wanted.len() - free);
-        }
+        let _ = self.make_room(Tier::Host, wanted.len());
         let mut moves = Vec::new();
         let mut targets = Vec::new();
         let mut leases = Vec::new();

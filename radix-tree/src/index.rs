@@ -552,6 +552,47 @@ impl RadixIndex {
         Ok(out)
     }
 
+    /// [`add_location`](Self::add_location) for many pages of one
+    /// namespace under one lock (a batch of demotions or promotions lands
+    /// without making lookups wait once per page). One result per page.
+    pub fn add_locations(
+        &self,
+        ns: NamespaceId,
+        copies: &[(PageHash, Tier, BlockId)],
+    ) -> Result<Vec<Result<()>>> {
+        let entry = self.entry(ns)?;
+        Ok(self.write_op(entry, |tree, ctx| {
+            copies
+                .iter()
+                .map(|&(hash, tier, block)| {
+                    if block.0 == BlockId::NONE_RAW {
+                        return Err(IndexError::InvalidBlock(block.0));
+                    }
+                    tree.add_location(hash, tier, block, ctx)
+                })
+                .collect()
+        }))
+    }
+
+    /// [`drop_location`](Self::drop_location) for many pages of one
+    /// namespace under one lock. Returns every dropped copy (for the caller
+    /// to free) and one result per page (`Pinned` pages keep their copy).
+    pub fn drop_locations(
+        &self,
+        ns: NamespaceId,
+        copies: &[(PageHash, Tier)],
+    ) -> Result<(Vec<EvictedPage>, Vec<Result<()>>)> {
+        let entry = self.entry(ns)?;
+        let mut out = Vec::with_capacity(copies.len());
+        let results = self.write_op(entry, |tree, ctx| {
+            copies
+                .iter()
+                .map(|&(hash, tier)| tree.drop_location(hash, tier, ctx, &mut out))
+                .collect()
+        });
+        Ok((out, results))
+    }
+
     /// Evicts up to `pages` copies from `tier`, across all namespaces,
     /// lowest rank first. Each returned entry says which copies were dropped
     /// (the caller frees or demotes them) and which remain.
