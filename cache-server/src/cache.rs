@@ -103,11 +103,15 @@ pub struct PrefetchId(u64);
 struct Pending {
     id: u64,
     ticket: Ticket,
-    /// For each move: the page and the tier its new copy lands on.
-    targets: Vec<(NamespaceId, PageHash, Tier)>,
+    /// For each move: the page, the tier it is read from and the tier its
+    /// new copy lands on.
+    targets: Vec<MoveTarget>,
     leases: Vec<Lease>,
     kind: MoveKind,
 }
+
+/// A move's page, source tier and destination tier.
+type MoveTarget = (NamespaceId, PageHash, Tier, Tier);
 
 #[derive(Debug, Clone, Copy)]
 enum MoveKind {
@@ -145,6 +149,14 @@ impl Cache {
             config.page_size,
         );
         let geometry = BlockGeometry::new(config.block_bytes, max_meta, layout_digest)?;
+        if let Some(device) = &config.device {
+            if device.geometry().max_meta_bytes < max_meta {
+                return Err(CacheError::InvalidConfig(format!(
+                    "the device pool takes metadata up to {} bytes; blocks carry up to {max_meta}",
+                    device.geometry().max_meta_bytes
+                )));
+            }
+        }
         let host = Arc::new(HostPool::new(
             HostPoolConfig::builder(geometry)
                 .capacity_bytes(config.host_bytes)
@@ -246,6 +258,15 @@ impl Cache {
         self.pools[tier.index()].as_ref()
     }
 
+    /// The fastest tier: new blocks land there and promotions go there.
+    fn top(&self) -> Tier {
+        if self.pools[Tier::Device.index()].is_some() {
+            Tier::Device
+        } else {
+            Tier::Host
+        }
+    }
+
     /// The tier a copy moves down to when `tier` is full.
     fn below(&self, tier: Tier) -> Option<Tier> {
         let mut t = tier.below();
@@ -297,13 +318,16 @@ impl Cache {
             });
         }
         let hashes = self.index.page_hashes(ns, &tokens[..pages * ps])?;
+        // New blocks land on the fastest tier.
+        let top = self.top();
+        let top_pool = self.pool(top).expect("the top tier exists").clone();
         let mut slots = Vec::with_capacity(pages - cached);
         let mut meta_buf = Vec::new();
         for p in cached..pages {
-            let slot = match self.allocate(Tier::Host) {
+            let slot = match self.allocate(top) {
                 Ok(s) => s,
                 Err(e) => {
-                    self.free_all(Tier::Host, &slots);
+                    self.free_all(top, &slots);
                     self.stats
                         .store_rejections
                         .fetch_add((pages - p) as u64, Ordering::Relaxed);
@@ -313,36 +337,34 @@ impl Cache {
             let parent = p.checked_sub(1).map(|i| hashes[i]);
             meta::encode(&key, parent, &tokens[p * ps..(p + 1) * ps], &mut meta_buf);
             let block = &data[(p - first_page) * bb..][..bb];
-            if let Err(e) = self.host.write(slot, block, &meta_buf) {
-                self.host.free(slot);
-                self.free_all(Tier::Host, &slots);
+            if let Err(e) = top_pool.write(slot, block, &meta_buf) {
+                top_pool.free(slot);
+                self.free_all(top, &slots);
                 return Err(e.into());
             }
             slots.push(BlockId(slot.0));
         }
         let parent = cached.checked_sub(1).map(|i| hashes[i]);
-        let out = match self.index.insert_after(
-            ns,
-            parent,
-            &tokens[cached * ps..pages * ps],
-            Tier::Host,
-            &slots,
-        ) {
-            Ok(out) => out,
-            Err(IndexError::UnknownPage(_)) => {
-                // The prefix was evicted meanwhile: the pages have no parent.
-                self.free_all(Tier::Host, &slots);
-                return Ok(StoreOutcome {
-                    cached_pages: 0,
-                    stored_pages: 0,
-                });
-            }
-            Err(e) => {
-                self.free_all(Tier::Host, &slots);
-                return Err(e.into());
-            }
-        };
-        self.free_all(Tier::Host, &out.rejected);
+        let out =
+            match self
+                .index
+                .insert_after(ns, parent, &tokens[cached * ps..pages * ps], top, &slots)
+            {
+                Ok(out) => out,
+                Err(IndexError::UnknownPage(_)) => {
+                    // The prefix was evicted meanwhile: the pages have no parent.
+                    self.free_all(top, &slots);
+                    return Ok(StoreOutcome {
+                        cached_pages: 0,
+                        stored_pages: 0,
+                    });
+                }
+                Err(e) => {
+                    self.free_all(top, &slots);
+                    return Err(e.into());
+                }
+            };
+        self.free_all(top, &out.rejected);
         if self.config.write_mode == WriteMode::WriteThrough {
             self.write_through(ns, &hashes[cached..pages]);
         }
@@ -518,12 +540,11 @@ impl Cache {
         };
     }
 
-    /// Queues host-to-disk copies of freshly stored pages.
+    /// Queues copies of freshly stored pages from the top tier to disk.
     fn write_through(&self, ns: NamespaceId, hashes: &[PageHash]) {
-        let (Some(disk), Some(host)) = (
-            self.pool(Tier::Disk).cloned(),
-            self.pool(Tier::Host).cloned(),
-        ) else {
+        let top = self.top();
+        let (Some(disk), Some(source)) = (self.pool(Tier::Disk).cloned(), self.pool(top).cloned())
+        else {
             return;
         };
         let mut moves = Vec::new();
@@ -533,7 +554,7 @@ impl Cache {
             let Ok(Some(loc)) = self.index.location(ns, hash) else {
                 continue;
             };
-            let (Some(block), false) = (loc.get(Tier::Host), loc.has(Tier::Disk)) else {
+            let (Some(block), false) = (loc.get(top), loc.has(Tier::Disk)) else {
                 continue;
             };
             let Ok(lease) = self.index.pin_page(ns, hash, PinKind::Lease, MOVE_LEASE) else {
@@ -545,12 +566,12 @@ impl Cache {
             };
             let _ = self.make_room(Tier::Disk, 1);
             moves.push(Move {
-                from: host.clone(),
+                from: source.clone(),
                 slot: SlotId(block.0),
                 to: disk.clone(),
                 meta,
             });
-            targets.push((ns, hash, Tier::Disk));
+            targets.push((ns, hash, top, Tier::Disk));
             leases.push(lease);
         }
         if !moves.is_empty() {
@@ -561,7 +582,7 @@ impl Cache {
     fn queue(
         &self,
         moves: Vec<Move>,
-        targets: Vec<(NamespaceId, PageHash, Tier)>,
+        targets: Vec<MoveTarget>,
         leases: Vec<Lease>,
         kind: MoveKind,
     ) -> PrefetchId {
@@ -622,12 +643,12 @@ impl Cache {
 
     fn finish(&self, p: Pending) {
         let results = p.ticket.wait();
-        for ((ns, hash, tier), r) in p.targets.iter().zip(results) {
+        for (&(ns, hash, from, to), r) in p.targets.iter().zip(results) {
             match r {
                 Ok(dest) => {
                     if self
                         .index
-                        .add_location(*ns, *hash, *tier, BlockId(dest.0))
+                        .add_location(ns, hash, to, BlockId(dest.0))
                         .is_ok()
                     {
                         let counter = match p.kind {
@@ -635,7 +656,7 @@ impl Cache {
                             MoveKind::WriteThrough => &self.stats.write_throughs,
                         };
                         counter.fetch_add(1, Ordering::Relaxed);
-                    } else if let Some(pool) = self.pool(*tier) {
+                    } else if let Some(pool) = self.pool(to) {
                         pool.free(dest);
                     }
                 }
@@ -643,13 +664,9 @@ impl Cache {
                     self.count_error(&e);
                     if let TierError::Corrupt(_) = e {
                         // The source failed its checks: never move it again.
-                        let from = match p.kind {
-                            MoveKind::Promotion => Tier::Disk,
-                            MoveKind::WriteThrough => Tier::Host,
-                        };
-                        if let Ok(Some(loc)) = self.index.location(*ns, *hash) {
+                        if let Ok(Some(loc)) = self.index.location(ns, hash) {
                             if let Some(block) = loc.get(from) {
-                                self.bad_copies.lock().push((*ns, *hash, from, block));
+                                self.bad_copies.lock().push((ns, hash, from, block));
                             }
                         }
                     }
@@ -697,7 +714,7 @@ impl Cache {
             let earned: Vec<PageHash> = hashes
                 .iter()
                 .zip(&locations)
-                .filter(|(_, l)| l.has(Tier::Host) && !l.has(Tier::Disk))
+                .filter(|(_, l)| l.has(self.top()) && !l.has(Tier::Disk))
                 .filter(
                     |(h, _)| matches!(self.index.page_hits(ns, **h), Ok(Some(n)) if n >= min_hits),
                 )
@@ -717,26 +734,23 @@ impl Cache {
         })
     }
 
-    /// Starts copying disk-only pages into host RAM.
+    /// Starts copying pages that lack a copy on the top tier (device where
+    /// there is one, else host) up from their fastest copy.
     fn promote(
         &self,
         ns: NamespaceId,
         hashes: &[PageHash],
         locations: &[PageLocation],
     ) -> Option<PrefetchId> {
-        let (Some(disk), Some(host)) = (
-            self.pool(Tier::Disk).cloned(),
-            self.pool(Tier::Host).cloned(),
-        ) else {
-            return None;
-        };
+        let top = self.top();
+        let up = self.pool(top)?.clone();
         let wanted: Vec<usize> = (0..locations.len())
-            .filter(|&i| locations[i].has(Tier::Disk) && !locations[i].has(Tier::Host))
+            .filter(|&i| !locations[i].is_empty() && !locations[i].has(top))
             .collect();
         if wanted.is_empty() {
             return None;
         }
-        let _ = self.make_room(Tier::Host, wanted.len());
+        let _ = self.make_room(top, wanted.len());
         let mut moves = Vec::new();
         let mut targets = Vec::new();
         let mut leases = Vec::new();
@@ -749,17 +763,22 @@ impl Cache {
                 let _ = self.index.release(lease.id);
                 continue;
             };
-            let (Some(block), Some(meta)) = (loc.get(Tier::Disk), self.page_meta(ns, hash)) else {
+            let source = loc.fastest().filter(|t| *t != top);
+            let (Some(from), Some(meta)) = (source, self.page_meta(ns, hash)) else {
+                let _ = self.index.release(lease.id);
+                continue;
+            };
+            let (Some(block), Some(from_pool)) = (loc.get(from), self.pool(from).cloned()) else {
                 let _ = self.index.release(lease.id);
                 continue;
             };
             moves.push(Move {
-                from: disk.clone(),
+                from: from_pool,
                 slot: SlotId(block.0),
-                to: host.clone(),
+                to: up.clone(),
                 meta,
             });
-            targets.push((ns, hash, Tier::Host));
+            targets.push((ns, hash, from, top));
             leases.push(lease);
         }
         (!moves.is_empty()).then(|| self.queue(moves, targets, leases, MoveKind::Promotion))
