@@ -698,10 +698,12 @@ impl Cache {
             },
             None => None,
         };
-        let m = self.index.match_prefix(ns, tokens)?;
+        let mut m = radix_tree::Match::with_hashes();
+        self.index.match_prefix_into(ns, tokens, &mut m)?;
         let pages = lease.map_or(m.pages, |l| l.pages.min(m.pages));
         let ps = self.config.page_size;
-        let hashes = self.index.page_hashes(ns, &tokens[..pages * ps])?;
+        let mut hashes = m.hashes;
+        hashes.truncate(pages);
         let mut locations = m.locations;
         locations.truncate(pages);
         let prefetch = if options.promote {

@@ -157,6 +157,10 @@ pub struct Match {
     pub last_page: Option<PageHash>,
     /// Matched pages by the fastest tier holding them (sums to `pages`).
     pub fastest_pages: [usize; TIERS],
+    /// Each matched page's hash, when the match was made with
+    /// [`Match::with_hashes`] (empty otherwise, to keep lookups lean).
+    pub hashes: Vec<PageHash>,
+    collect_hashes: bool,
 }
 
 impl Match {
@@ -169,7 +173,16 @@ impl Match {
         self.locations.iter().take_while(|l| l.has(tier)).count()
     }
 
+    /// A buffer whose matches also list each page's hash.
+    pub fn with_hashes() -> Self {
+        Self {
+            collect_hashes: true,
+            ..Self::default()
+        }
+    }
+
     pub(crate) fn reset(&mut self, page_size: usize) {
+        self.hashes.clear();
         self.pages = 0;
         self.page_size = page_size;
         self.locations.clear();
@@ -384,6 +397,10 @@ impl Tree {
             }
             out.locations
                 .extend(node.slots[..count].iter().map(|s| s.loc));
+            if out.collect_hashes {
+                out.hashes
+                    .extend(node.slots[..count].iter().map(PageSlot::hash));
+            }
             out.pages += count;
             out.last_page = Some(node.slots[count - 1].hash());
             if full {

@@ -120,3 +120,17 @@ fn pin_page_holds_exactly_the_path_to_that_page() {
     );
     idx.check_invariants();
 }
+
+#[test]
+fn a_match_with_hashes_names_each_matched_page() {
+    let (idx, ns) = index(4);
+    let prompt: Vec<u32> = (0..40).collect();
+    idx.insert(ns, &prompt[..32], Tier::Host, &blocks(8, 0))
+        .unwrap();
+    let mut m = radix_tree::Match::with_hashes();
+    idx.match_prefix_into(ns, &prompt, &mut m).unwrap();
+    assert_eq!(m.pages, 8);
+    assert_eq!(m.hashes, idx.page_hashes(ns, &prompt[..32]).unwrap());
+    // A plain match leaves them out.
+    assert!(idx.match_prefix(ns, &prompt).unwrap().hashes.is_empty());
+}
