@@ -29,6 +29,8 @@ pub enum MetaError {
     NotUtf8,
     #[error("metadata has {0} trailing bytes")]
     Trailing(usize),
+    #[error("metadata parent flag {0} is neither 0 nor 1")]
+    ParentFlag(u8),
 }
 
 /// Bytes a record for this key and page size needs at most.
@@ -67,9 +69,10 @@ pub fn decode(bytes: &[u8]) -> Result<BlockMeta, MetaError> {
     let namespace = NamespaceKey::new(field()?, field()?, field()?, field()?);
     let parent = match r.u8()? {
         0 => None,
-        _ => Some(PageHash::from_le_bytes(
+        1 => Some(PageHash::from_le_bytes(
             r.take(16)?.try_into().expect("16 bytes"),
         )),
+        flag => return Err(MetaError::ParentFlag(flag)),
     };
     let count = r.u32()? as usize;
     let raw = r.take(count.checked_mul(4).ok_or(MetaError::Truncated)?)?;
@@ -135,6 +138,12 @@ mod tests {
         extra.push(0);
         assert_eq!(decode(&extra), Err(MetaError::Trailing(1)));
         assert_eq!(decode(&[9]), Err(MetaError::Version(9)));
+        // Only 0 and 1 are parent flags (found by fuzzing: 2 decoded as 1).
+        let mut bad_flag = vec![VERSION];
+        bad_flag.extend_from_slice(&key.to_bytes());
+        bad_flag.push(2);
+        bad_flag.extend_from_slice(&[0; 20]);
+        assert_eq!(decode(&bad_flag), Err(MetaError::ParentFlag(2)));
         // A huge token count fails cleanly instead of allocating.
         let mut huge = vec![VERSION];
         huge.extend_from_slice(&key.to_bytes());

@@ -473,6 +473,9 @@ pub fn parse_journal_header(b: &[u8]) -> std::result::Result<JournalHeader, Form
     if get_u64(b, 56).ok_or(T)? != xxh3_64(b.get(..56).ok_or(T)?) {
         return Err(FormatError::Checksum);
     }
+    if b.get(32..56).ok_or(T)?.iter().any(|&x| x != 0) {
+        return Err(FormatError::Range("journal header reserved bytes"));
+    }
     Ok(JournalHeader {
         pool_id: get_u64(b, 16).ok_or(T)?,
         next_generation: get_u64(b, 24).ok_or(T)?,

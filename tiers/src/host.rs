@@ -825,6 +825,11 @@ impl ShmHeader {
             return Err("header checksum mismatch (corrupt header)".into());
         }
         let header_bytes = u64::from(u32_at(12));
+        if header_bytes != SHM_HEADER_BYTES as u64 {
+            return Err(format!(
+                "header size {header_bytes}, this format's is {SHM_HEADER_BYTES}"
+            ));
+        }
         let too_big = |v: u64| usize::try_from(v).map_err(|_| format!("field {v} overflows"));
         let geometry = BlockGeometry::new(too_big(u64_at(16))?, too_big(u64_at(24))?, u64_at(32))
             .map_err(|e| format!("bad geometry: {e}"))?;
