@@ -26,6 +26,19 @@ use tiers::{BlockGeometry, BlockPool, SlotId, TierError};
 const MAX_KEY_BYTES: usize = 1024;
 /// Pages evicted at once when a tier is full.
 const ROOM_BATCH: usize = 32;
+/// Most pages one locked index call changes while making room: short
+/// holds let lookups spin past a demotion instead of sleeping behind it.
+const LOCK_CHUNK: usize = 8;
+
+/// Most pages one store inserts under one lock.
+const STORE_CHUNK: usize = 16;
+
+/// `total` split into lock-sized chunks.
+fn chunks(total: usize) -> impl Iterator<Item = usize> {
+    (0..total)
+        .step_by(LOCK_CHUNK)
+        .map(move |start| LOCK_CHUNK.min(total - start))
+}
 /// How long a move holds its pages pinned at most (a stuck disk must not
 /// wedge the cache).
 const MOVE_LEASE: Duration = Duration::from_secs(60);
@@ -344,33 +357,37 @@ impl Cache {
             }
             slots.push(BlockId(slot.0));
         }
-        let parent = cached.checked_sub(1).map(|i| hashes[i]);
-        let out =
-            match self
-                .index
-                .insert_after(ns, parent, &tokens[cached * ps..pages * ps], top, &slots)
-            {
-                Ok(out) => out,
-                Err(IndexError::UnknownPage(_)) => {
-                    // The prefix was evicted meanwhile: the pages have no parent.
-                    self.free_all(top, &slots);
-                    return Ok(StoreOutcome {
-                        cached_pages: 0,
-                        stored_pages: 0,
-                    });
+        // Insert in chunks so that no lookup waits long behind one store.
+        let mut stored = 0;
+        for (c, chunk) in slots.chunks(STORE_CHUNK).enumerate() {
+            let first = cached + c * STORE_CHUNK;
+            let parent = first.checked_sub(1).map(|i| hashes[i]);
+            let span = &tokens[first * ps..(first + chunk.len()) * ps];
+            match self.index.insert_after(ns, parent, span, top, chunk) {
+                Ok(out) => {
+                    stored += out.new_pages;
+                    self.free_all(top, &out.rejected);
                 }
                 Err(e) => {
-                    self.free_all(top, &slots);
-                    return Err(e.into());
+                    // The prefix was evicted meanwhile (the pages have no
+                    // parent), or the call failed: the rest is not stored.
+                    self.free_all(top, &slots[c * STORE_CHUNK..]);
+                    if stored == 0 && !matches!(e, IndexError::UnknownPage(_)) {
+                        return Err(e.into());
+                    }
+                    return Ok(StoreOutcome {
+                        cached_pages: cached,
+                        stored_pages: stored,
+                    });
                 }
-            };
-        self.free_all(top, &out.rejected);
+            }
+        }
         if self.config.write_mode == WriteMode::WriteThrough {
             self.write_through(ns, &hashes[cached..pages]);
         }
         Ok(StoreOutcome {
             cached_pages: cached,
-            stored_pages: out.new_pages,
+            stored_pages: stored,
         })
     }
 
@@ -437,9 +454,17 @@ impl Cache {
         // A batch, but never most of a small tier at once.
         let pages = (want - free).max(ROOM_BATCH.min(pool.capacity() as usize / 8).max(1));
         let Some(lower) = self.below(tier) else {
-            let evicted = self.index.evict(tier, pages);
-            self.free_dropped(&evicted);
-            return Ok(evicted.iter().filter(|e| e.dropped.has(tier)).count());
+            let mut freed = 0;
+            for chunk in chunks(pages) {
+                let evicted = self.index.evict(tier, chunk);
+                self.free_dropped(&evicted);
+                let n = evicted.iter().filter(|e| e.dropped.has(tier)).count();
+                freed += n;
+                if n < chunk {
+                    break;
+                }
+            }
+            return Ok(freed);
         };
         let mut candidates = self.index.eviction_candidates(tier, pages);
         // Expired leases are reclaimed by writes to their namespace, and
@@ -463,9 +488,11 @@ impl Cache {
         }
         for (ns, copies) in by_ns {
             // Leased pages keep their copy; pages gone since are not ours.
-            let (dropped, _) = self.index.drop_locations(ns, &copies)?;
-            freed += dropped.iter().filter(|e| e.dropped.has(tier)).count();
-            self.free_dropped(&dropped);
+            for part in copies.chunks(LOCK_CHUNK) {
+                let (dropped, _) = self.index.drop_locations(ns, part)?;
+                freed += dropped.iter().filter(|e| e.dropped.has(tier)).count();
+                self.free_dropped(&dropped);
+            }
         }
         Ok(freed)
     }
@@ -506,9 +533,23 @@ impl Cache {
             }
         }
         for (ns, copies) in by_ns {
+            for part in copies.chunks(LOCK_CHUNK) {
+                self.record_demotions(ns, part, &to);
+            }
+        }
+    }
+
+    /// Records demoted copies; frees those the index no longer wants.
+    fn record_demotions(
+        &self,
+        ns: NamespaceId,
+        copies: &[(PageHash, Tier, BlockId)],
+        to: &Arc<dyn BlockPool>,
+    ) {
+        {
             let recorded = self
                 .index
-                .add_locations(ns, &copies)
+                .add_locations(ns, copies)
                 .unwrap_or_else(|e| vec![Err(e); copies.len()]);
             for ((_, _, dest), r) in copies.iter().zip(recorded) {
                 match r {
