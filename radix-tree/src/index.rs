@@ -597,16 +597,17 @@ impl RadixIndex {
     /// lowest rank first. Each returned entry says which copies were dropped
     /// (the caller frees or demotes them) and which remain.
     pub fn evict(&self, tier: Tier, pages: usize) -> Vec<EvictedPage> {
-        let entries: Vec<&NamespaceEntry> = self.entries().collect();
         // Usually one entry per evicted copy; more only when a page's last
         // copy goes and takes the pages after it.
         let mut out = Vec::with_capacity(pages.min(1 << 16));
         let mut done = 0;
-        if let [entry] = entries.as_slice() {
+        let mut namespaces = self.entries();
+        if let (Some(entry), None) = (namespaces.next(), namespaces.next()) {
             done += self.write_op(entry, |tree, ctx| {
                 tree.evict(tier, pages, u64::MAX, ctx, &mut out)
             });
         } else {
+            let entries: Vec<&NamespaceEntry> = self.entries().collect();
             // Merge across namespaces: evict from the one with the lowest
             // rank until it passes the runner-up's.
             while done < pages {
