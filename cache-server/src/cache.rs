@@ -1,9 +1,11 @@
 //! The `Cache`: the index and the block pools behind one handle.
 //!
 //! Bytes never move while an index lock is held: the index only records
-//! where copies are. Every move (demotion, promotion, write-through) runs
-//! with the page pinned by a lease, so the source slot cannot be freed and
-//! reused under it; the new copy is recorded only once it is fully written.
+//! where copies are, and a new copy is recorded only once fully written.
+//! A move's source slot cannot be freed and reused under it: promotions and
+//! write-throughs pin their pages with leases, and demotions run under the
+//! tier's demoter lock, held by the only code that drops copies of a tier
+//! with a tier below it.
 
 use crate::config::{CacheConfig, WriteMode};
 use crate::error::{CacheError, Result};
