@@ -39,6 +39,13 @@ impl PageHash {
     pub fn chain(self, tokens: &[u32]) -> PageHash {
         // Hash from a stack buffer sized for the common page sizes, so the
         // hot path neither allocates nor clears a large buffer.
+        if let [t] = tokens {
+            // One-token pages (block-id traces): 20 bytes, no buffer to clear.
+            let mut buf = [0u8; 20];
+            buf[..16].copy_from_slice(&self.to_le_bytes());
+            buf[16..].copy_from_slice(&t.to_le_bytes());
+            return PageHash(xxh3_128(&buf));
+        }
         const SMALL: usize = 16;
         if tokens.len() <= SMALL {
             let mut buf = [0u8; 16 + 4 * SMALL];
