@@ -2,37 +2,13 @@
 //! directory), demotion on pressure, promotion on hit, leases, corruption
 //! as a miss, and warm restarts.
 
+mod support;
 use cache_server::{Cache, CacheConfig, LookupOptions, WriteMode};
 use radix_tree::Tier;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
+use support::{block, data, prompt, BLOCK, PAGE};
 use tiers::BlockPool;
-
-const PAGE: usize = 4;
-const BLOCK: usize = 4096;
-
-/// The bytes of page `p` of prompt `prompt`: distinct for every page.
-fn block(prompt: u32, p: usize) -> Vec<u8> {
-    let seed = (prompt as u64) << 32 | p as u64;
-    (0..BLOCK)
-        .map(|i| {
-            (seed
-                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                .rotate_left(i as u32 % 64) as u8)
-                ^ i as u8
-        })
-        .collect()
-}
-
-fn prompt(id: u32, pages: usize) -> Vec<u32> {
-    (0..(pages * PAGE) as u32)
-        .map(|i| id * 100_000 + i)
-        .collect()
-}
-
-fn data(id: u32, pages: std::ops::Range<usize>) -> Vec<u8> {
-    pages.flat_map(|p| block(id, p)).collect()
-}
 
 fn config(host_blocks: usize, disk: Option<(&std::path::Path, usize)>) -> CacheConfig {
     let mut b = CacheConfig::builder(PAGE, BLOCK, "test-layout").host_bytes(host_blocks * BLOCK);

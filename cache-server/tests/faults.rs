@@ -7,40 +7,22 @@
 //! Every read in this file is checked against the bytes that were stored:
 //! a read may miss (`Ok(None)`), it may never return wrong bytes.
 
+mod support;
 use cache_server::{Cache, CacheConfig, CacheError, LookupOptions, WriteMode};
 use radix_tree::{NamespaceId, Tier};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
+use support::{block, data, prompt, BLOCK, PAGE};
 use tiers::device::{DevicePoolConfig, SimulatedDevice};
 use tiers::io::{Fault, FaultyIo, IoOp, RealIo};
 use tiers::{BlockGeometry, BlockPool};
 
-const PAGE: usize = 4;
-const BLOCK: usize = 4096;
 /// `EIO` on Linux.
 const EIO: i32 = 5;
 /// Long enough that no lease in these tests expires unless it is meant to.
 const LONG: Duration = Duration::from_secs(120);
-
-/// The bytes of page `p` of prompt `id`: distinct for every page.
-fn block(id: u32, p: usize) -> Vec<u8> {
-    let seed = ((id as u64) << 32 | p as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    (0..BLOCK)
-        .map(|i| (seed.rotate_left(i as u32 % 64) as u8) ^ i as u8)
-        .collect()
-}
-
-fn prompt(id: u32, pages: usize) -> Vec<u32> {
-    (0..(pages * PAGE) as u32)
-        .map(|i| id * 100_000 + i)
-        .collect()
-}
-
-fn data(id: u32, pages: std::ops::Range<usize>) -> Vec<u8> {
-    pages.flat_map(|p| block(id, p)).collect()
-}
 
 fn load(n: &std::sync::atomic::AtomicU64) -> u64 {
     n.load(Ordering::Relaxed)
