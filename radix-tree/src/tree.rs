@@ -429,10 +429,13 @@ impl Tree {
 
     fn locate(&self, hash: PageHash) -> Option<(u32, usize)> {
         let &n = self.by_hash.get(&hash.short())?;
+        // The map names the node; find the page in it comparing one word
+        // first (a long node is scanned, so keep the scan cheap).
+        let word = hash.0 as u32;
         let off = self.nodes[n as usize]
             .slots
             .iter()
-            .position(|s| s.hash() == hash)?;
+            .position(|s| s.hash[0] == word && s.hash() == hash)?;
         Some((n, off))
     }
 
