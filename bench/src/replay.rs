@@ -7,12 +7,10 @@
 
 use crate::belady::Belady;
 use radix_tree::policy::EvictionPolicy;
-use radix_tree::{
-    BlockId, IndexConfig, Match, NamespaceConfig, NamespaceKey, PinKind, RadixIndex, Tier,
-};
+use radix_tree::{BlockId, IndexConfig, Match, NamespaceConfig, NamespaceKey, RadixIndex, Tier};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// A policy to replay: an online one by name, or the offline bound.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,11 +123,10 @@ pub fn replay(
             if held > cap {
                 // The running request's pages are never the ones evicted.
                 let last = stored.last_page.expect("the request has whole pages");
-                let lease = index
-                    .pin_page(ns, last, PinKind::Lease, Duration::from_secs(3600))
-                    .expect("the request was just inserted");
-                evicted += index.evict(Tier::Host, (held - cap) as usize).len() as u64;
-                index.release(lease.id).expect("lease is live");
+                evicted += index
+                    .evict_protecting(ns, last, Tier::Host, (held - cap) as usize)
+                    .expect("the request was just inserted")
+                    .len() as u64;
             }
         }
     }

@@ -687,6 +687,26 @@ impl RadixIndex {
         Ok(out)
     }
 
+    /// Evicts up to `pages` copies from `tier` within one namespace, never
+    /// taking the page `protect` or any page before it (nor the rest of its
+    /// node): what a store does to make room for the request it is storing,
+    /// in one locked call instead of a lease, an eviction and a release.
+    pub fn evict_protecting(
+        &self,
+        ns: NamespaceId,
+        protect: PageHash,
+        tier: Tier,
+        pages: usize,
+    ) -> Result<Vec<EvictedPage>> {
+        let entry = self.entry(ns)?;
+        let mut out = Vec::with_capacity(pages.min(1 << 16));
+        let done = self.write_op(entry, |tree, ctx| {
+            tree.evict_protecting(protect, tier, pages, ctx, &mut out)
+        })?;
+        self.counters.evicted_copies[tier.index()].fetch_add(done as u64, Ordering::Relaxed);
+        Ok(out)
+    }
+
     /// Pins the longest cached prefix of `tokens` for `ttl`.
     pub fn pin(
         &self,

@@ -1222,6 +1222,25 @@ impl Tree {
         done
     }
 
+    /// [`evict`](Self::evict), never taking a page of the path that leads
+    /// to `protect` (held only for this call: no lease is recorded).
+    pub(crate) fn evict_protecting(
+        &mut self,
+        protect: PageHash,
+        tier: Tier,
+        pages: usize,
+        ctx: &mut OpCtx<'_>,
+        out: &mut Vec<EvictedPage>,
+    ) -> Result<usize> {
+        let (n, _) = self
+            .locate(protect)
+            .ok_or(IndexError::UnknownPage(protect))?;
+        self.apply_pin(n, PinKind::Lease, 1, ctx.policy);
+        let done = self.evict(tier, pages, u64::MAX, ctx, out);
+        self.apply_pin(n, PinKind::Lease, -1, ctx.policy);
+        Ok(done)
+    }
+
     // ---- leases -----------------------------------------------------------------
 
     /// Pins the longest cached prefix of `tokens`. `admit` sees how many

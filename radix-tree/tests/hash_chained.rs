@@ -134,3 +134,29 @@ fn a_match_with_hashes_names_each_matched_page() {
     // A plain match leaves them out.
     assert!(idx.match_prefix(ns, &prompt).unwrap().hashes.is_empty());
 }
+
+#[test]
+fn evict_protecting_never_takes_the_protected_path() {
+    let (idx, ns) = index(1);
+    let old: Vec<u32> = (0..6).collect();
+    let new: Vec<u32> = (100..106).collect();
+    idx.insert(ns, &old, Tier::Host, &blocks(6, 0)).unwrap();
+    idx.insert(ns, &new, Tier::Host, &blocks(6, 10)).unwrap();
+    // LRU would take `new` last anyway; touch `old` so it ranks above `new`.
+    idx.match_prefix(ns, &old).unwrap();
+    idx.insert(ns, &old, Tier::Host, &blocks(6, 0)).unwrap();
+    let last = *idx.page_hashes(ns, &new).unwrap().last().unwrap();
+    let evicted = idx.evict_protecting(ns, last, Tier::Host, 100).unwrap();
+    let old_hashes = idx.page_hashes(ns, &old).unwrap();
+    assert_eq!(evicted.len(), 6, "only the unprotected prompt can go");
+    assert!(evicted.iter().all(|e| old_hashes.contains(&e.hash)));
+    assert_eq!(idx.match_prefix(ns, &new).unwrap().pages, 6);
+    // Nothing stays pinned afterwards.
+    assert_eq!(idx.stats().pinned_pages, 0);
+    assert_eq!(idx.evict(Tier::Host, 100).len(), 6);
+    assert_eq!(
+        idx.evict_protecting(ns, last, Tier::Host, 1),
+        Err(IndexError::UnknownPage(last))
+    );
+    idx.check_invariants();
+}
