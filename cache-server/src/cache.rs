@@ -190,13 +190,14 @@ impl Cache {
         };
         let policy =
             radix_tree::policy::by_name(&config.policy).expect("checked by the config builder");
-        let index = RadixIndex::new(
-            IndexConfig::builder()
-                .policy(policy)
-                .max_tokens_per_call(config.max_tokens_per_call)
-                .max_pinned_pages_per_tenant(config.max_pinned_pages_per_tenant)
-                .build()?,
-        );
+        let mut index_config = IndexConfig::builder()
+            .policy(policy)
+            .max_tokens_per_call(config.max_tokens_per_call)
+            .max_pinned_pages_per_tenant(config.max_pinned_pages_per_tenant);
+        if let Some(clock) = &config.clock {
+            index_config = index_config.clock(clock.clone());
+        }
+        let index = RadixIndex::new(index_config.build()?);
         let pools: [Option<Arc<dyn BlockPool>>; TIERS] = [
             config.device.clone(),
             Some(host.clone() as Arc<dyn BlockPool>),

@@ -30,6 +30,7 @@ pub struct CacheConfig {
     pub(crate) movers: usize,
     pub(crate) max_tokens_per_call: usize,
     pub(crate) max_pinned_pages_per_tenant: u64,
+    pub(crate) clock: Option<Arc<dyn radix_tree::Clock>>,
 }
 
 impl CacheConfig {
@@ -54,6 +55,7 @@ impl CacheConfig {
             movers: 2,
             max_tokens_per_call: 1 << 20,
             max_pinned_pages_per_tenant: u64::MAX,
+            clock: None,
         })
     }
 
@@ -120,6 +122,13 @@ impl CacheConfigBuilder {
 
     pub fn max_pinned_pages_per_tenant(mut self, n: u64) -> Self {
         self.0.max_pinned_pages_per_tenant = n;
+        self
+    }
+
+    /// The clock lease TTLs run on (default: the monotonic wall clock;
+    /// tests pass a `radix_tree::ManualClock`).
+    pub fn clock(mut self, clock: Arc<dyn radix_tree::Clock>) -> Self {
+        self.0.clock = Some(clock);
         self
     }
 

@@ -34,6 +34,8 @@ struct Rig {
     faulty: FaultyIo,
     cache: Cache,
     ns: NamespaceId,
+    /// Lease TTLs run on this clock: it moves only when a test says so.
+    clock: Arc<radix_tree::ManualClock>,
 }
 
 fn disk_config(
@@ -43,6 +45,18 @@ fn disk_config(
     disk: usize,
     mode: WriteMode,
 ) -> CacheConfig {
+    disk_config_builder(dir, io, host, disk, mode)
+        .build()
+        .unwrap()
+}
+
+fn disk_config_builder(
+    dir: &Path,
+    io: &FaultyIo,
+    host: usize,
+    disk: usize,
+    mode: WriteMode,
+) -> cache_server::CacheConfigBuilder {
     // A disk slot is the block plus a header and up to ~1 KiB of metadata,
     // rounded to 4 KiB: 8 KiB here.
     CacheConfig::builder(PAGE, BLOCK, "faults-layout")
@@ -50,14 +64,19 @@ fn disk_config(
         .disk(dir, (disk * 2 * BLOCK) as u64)
         .disk_io(io.shared())
         .write_mode(mode)
-        .build()
-        .unwrap()
 }
 
 fn rig(host: usize, disk: usize, mode: WriteMode) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let faulty = FaultyIo::new(Arc::new(RealIo::new()));
-    let cache = Cache::open(disk_config(dir.path(), &faulty, host, disk, mode)).unwrap();
+    let clock = Arc::new(radix_tree::ManualClock::new(0));
+    let cache = Cache::open(
+        disk_config_builder(dir.path(), &faulty, host, disk, mode)
+            .clock(clock.clone())
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
     assert_eq!(cache.host_pool().capacity() as usize, host);
     assert_eq!(cache.disk_pool().unwrap().capacity() as usize, disk);
     let ns = cache.namespace("tenant", "model", "").unwrap();
@@ -66,6 +85,7 @@ fn rig(host: usize, disk: usize, mode: WriteMode) -> Rig {
         faulty,
         cache,
         ns,
+        clock,
     }
 }
 
@@ -601,11 +621,13 @@ fn a_corrupt_block_read_under_a_lease_is_dropped() {
 #[test]
 fn an_abandoned_lease_expires_and_its_pages_become_evictable() {
     let ttl = Duration::from_millis(500);
-    // No disk: the pages are evicted.
+    // No disk: the pages are evicted. Time runs on a manual clock.
     {
+        let clock = Arc::new(radix_tree::ManualClock::new(0));
         let cache = Cache::open(
             CacheConfig::builder(PAGE, BLOCK, "faults-layout")
                 .host_bytes(8 * BLOCK)
+                .clock(clock.clone())
                 .build()
                 .unwrap(),
         )
@@ -644,7 +666,7 @@ fn an_abandoned_lease_expires_and_its_pages_become_evictable() {
             cache.host_pool().used() as u64,
             cache.index().tier_pages(Tier::Host)
         );
-        std::thread::sleep(ttl + Duration::from_millis(200));
+        clock.advance_ms(ttl.as_millis() as u64 + 1);
         assert_eq!(
             cache
                 .store(ns, &big, 0, &data(9, 0..8))
@@ -689,7 +711,7 @@ fn an_abandoned_lease_expires_and_its_pages_become_evictable() {
             ),
             "host is all leased"
         );
-        std::thread::sleep(ttl + Duration::from_millis(200));
+        r.clock.advance_ms(ttl.as_millis() as u64 + 1);
         let out = r.cache.store(r.ns, &prompt(1, 4), 0, &data(1, 0..4));
         assert_eq!(
             out.unwrap().stored_pages,
