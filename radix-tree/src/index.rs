@@ -614,19 +614,21 @@ impl RadixIndex {
                 let mut best: Option<(u64, usize)> = None;
                 let mut second = u64::MAX;
                 for (i, e) in entries.iter().enumerate() {
-                    let key = {
+                    // Expired leases must not keep pages out of (or, soft,
+                    // ranked above) the merge: reclaim them first, as every
+                    // write on a namespace does. Otherwise a shared lock is
+                    // enough to read the namespace's lowest rank, so other
+                    // tenants' lookups do not wait on this merge.
+                    let expired = e
+                        .tree
+                        .read()
+                        .next_expiry()
+                        .is_some_and(|x| x <= self.config.clock.now_ms());
+                    if expired {
                         let mut tree = e.tree.write();
-                        // Expired leases must not keep pages out of (or, soft,
-                        // ranked above) the merge: reclaim them first, as
-                        // every write on a namespace does.
-                        if tree
-                            .next_expiry()
-                            .is_some_and(|x| x <= self.config.clock.now_ms())
-                        {
-                            self.write_op_locked(e, &mut tree, |_, _| ());
-                        }
-                        tree.min_key(tier, &*self.config.policy)
-                    };
+                        self.write_op_locked(e, &mut tree, |_, _| ());
+                    }
+                    let key = e.tree.read().peek_min_key(tier, &*self.config.policy);
                     let Some(k) = key else {
                         continue;
                     };

@@ -591,8 +591,19 @@ impl Tree {
         }
     }
 
-    pub(crate) fn min_key(&mut self, tier: Tier, policy: &dyn EvictionPolicy) -> Option<u64> {
-        self.min_victim(tier.index(), policy).map(|(k, _)| k)
+    /// The lowest current rank on `tier`, found under a shared lock: stale
+    /// entries rank at or below their current rank, so the scan stops at
+    /// the first stored rank that cannot beat the best current one.
+    pub(crate) fn peek_min_key(&self, tier: Tier, policy: &dyn EvictionPolicy) -> Option<u64> {
+        let mut best: Option<u64> = None;
+        for &(stored, n) in &self.sets[tier.index()] {
+            if best.is_some_and(|b| b <= stored) {
+                break;
+            }
+            let current = self.full_key(n, policy);
+            best = Some(best.map_or(current, |b| b.min(current)));
+        }
+        best
     }
 
     /// The copies on `tier` that eviction would take first, up to `max`,
