@@ -107,3 +107,39 @@ fn a_lease_taken_between_the_phases_keeps_the_copy() {
     );
     index.check_invariants();
 }
+
+#[test]
+fn batched_location_calls_report_each_page() {
+    let (index, ns, prompts) = build();
+    let hashes = index.page_hashes(ns, &prompts[1]).unwrap();
+    // Pages 2.. of prompt 1 are its own; give them disk copies in one call.
+    let copies: Vec<_> = hashes[2..]
+        .iter()
+        .enumerate()
+        .map(|(i, h)| (*h, Tier::Disk, BlockId(700 + i as u32)))
+        .collect();
+    let mut with_bad = copies.clone();
+    with_bad.push((hashes[2], Tier::Disk, BlockId(799))); // already there now
+    let results = index.add_locations(ns, &with_bad).unwrap();
+    assert!(results[..4].iter().all(Result::is_ok));
+    assert_eq!(results[4], Err(IndexError::AlreadyPresent));
+    // Hold the last page; drop every host copy of prompt 1's own pages.
+    let lease = index
+        .pin_page(ns, hashes[5], PinKind::Lease, Duration::from_secs(60))
+        .unwrap();
+    let drops: Vec<_> = hashes[2..].iter().map(|h| (*h, Tier::Host)).collect();
+    let (dropped, results) = index.drop_locations(ns, &drops).unwrap();
+    assert!(
+        results.iter().all(|r| *r == Err(IndexError::Pinned)),
+        "{results:?}"
+    );
+    assert!(dropped.is_empty());
+    index.release(lease.id).unwrap();
+    let (dropped, results) = index.drop_locations(ns, &drops).unwrap();
+    assert!(results.iter().all(Result::is_ok));
+    assert_eq!(dropped.len(), 4);
+    assert!(dropped
+        .iter()
+        .all(|e| e.remaining.has(Tier::Disk) && !e.page_removed()));
+    index.check_invariants();
+}
