@@ -66,6 +66,17 @@ fn disk_config_builder(
         .write_mode(mode)
 }
 
+impl Rig {
+    /// Stores the 4-page prompts `ids`, each whole.
+    fn store_prompts(&self, ids: std::ops::Range<u32>) {
+        for id in ids {
+            self.cache
+                .store(self.ns, &prompt(id, 4), 0, &data(id, 0..4))
+                .unwrap();
+        }
+    }
+}
+
 fn rig(host: usize, disk: usize, mode: WriteMode) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let faulty = FaultyIo::new(Arc::new(RealIo::new()));
@@ -398,11 +409,7 @@ fn random_write_faults_never_corrupt_what_is_served_or_recovered() {
 #[test]
 fn read_errors_on_disk_only_pages_are_misses_never_data() {
     let r = rig(8, 64, WriteMode::WriteBack);
-    for id in 0..6 {
-        r.cache
-            .store(r.ns, &prompt(id, 4), 0, &data(id, 0..4))
-            .unwrap();
-    }
+    r.store_prompts(0..6);
     // Prompts 0..4 are on disk only, 4 and 5 on host.
     r.faulty.set_plan(|c| {
         if c.op == IoOp::Read && c.file_ends_with(".dat") {
@@ -522,11 +529,7 @@ fn corrupt_slot(dir: &Path, slot_bytes: u64, slot: u32) {
 #[test]
 fn a_corrupt_block_is_never_promoted() {
     let r = rig(8, 64, WriteMode::WriteBack);
-    for id in 0..4 {
-        r.cache
-            .store(r.ns, &prompt(id, 4), 0, &data(id, 0..4))
-            .unwrap();
-    }
+    r.store_prompts(0..4);
     let first = prompt(0, 4);
     let l = r
         .cache
@@ -580,11 +583,7 @@ fn a_corrupt_block_is_never_promoted() {
 #[test]
 fn a_corrupt_block_read_under_a_lease_is_dropped() {
     let r = rig(8, 64, WriteMode::WriteBack);
-    for id in 0..4 {
-        r.cache
-            .store(r.ns, &prompt(id, 4), 0, &data(id, 0..4))
-            .unwrap();
-    }
+    r.store_prompts(0..4);
     let first = prompt(0, 4);
     let l = r
         .cache
