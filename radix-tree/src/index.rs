@@ -7,7 +7,7 @@ use crate::events::EventSink;
 use crate::namespace::{NamespaceConfig, NamespaceId, NamespaceKey};
 use crate::policy::{EvictionPolicy, Lru};
 use crate::sync::{Arc, AtomicU64, OnceLock, Ordering, RwLock, RwLockWriteGuard};
-use crate::tree::{Candidate, OpCtx, Tree};
+use crate::tree::{Candidate, OpCtx, PageSnapshot, Tree};
 use crate::{
     BlockId, EvictedPage, InsertOutcome, Lease, LeaseId, Match, PageHash, PageLocation, PinKind,
     Tier, TIERS,
@@ -485,6 +485,28 @@ impl RadixIndex {
     pub fn page_hashes(&self, ns: NamespaceId, tokens: &[u32]) -> Result<Vec<PageHash>> {
         self.check_len(tokens)?;
         Ok(self.entry(ns)?.tree.read().page_hashes(tokens))
+    }
+
+    /// Every cached page of a namespace, parents before children, and what
+    /// `at` returns when called under the same lock: events are emitted
+    /// under that lock too, so a subscriber that reads its event sequence
+    /// number in `at` gets the snapshot exactly as of that number.
+    pub fn snapshot<T>(
+        &self,
+        ns: NamespaceId,
+        at: impl FnOnce() -> T,
+    ) -> Result<(Vec<PageSnapshot>, T)> {
+        let entry = self.entry(ns)?;
+        let tree = entry.tree.read();
+        let mut pages = Vec::with_capacity(tree.pages as usize);
+        tree.snapshot(&mut pages);
+        Ok((pages, at()))
+    }
+
+    /// Pages of one namespace: in all, and per tier.
+    pub fn namespace_pages(&self, ns: NamespaceId) -> Result<(u64, [u64; TIERS])> {
+        let tree = self.entry(ns)?.tree.read();
+        Ok((tree.pages, tree.tier_pages))
     }
 
     /// Where a page (named by hash) has copies, if it is cached.

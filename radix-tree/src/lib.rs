@@ -71,7 +71,7 @@ pub use index::{IndexConfig, IndexConfigBuilder, IndexStats, RadixIndex};
 pub use namespace::{NamespaceConfig, NamespaceId, NamespaceKey};
 pub use policy::EvictionPolicy;
 pub use tier::{BlockId, PageLocation, Tier, TIERS};
-pub use tree::{Candidate, EvictedPage, InsertOutcome, Match};
+pub use tree::{Candidate, EvictedPage, InsertOutcome, Match, PageSnapshot};
 
 /// Largest page size a namespace may use, in tokens.
 pub const MAX_PAGE_SIZE: usize = 256;

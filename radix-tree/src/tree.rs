@@ -214,6 +214,15 @@ pub struct Candidate {
     pub location: PageLocation,
 }
 
+/// A cached page as a snapshot lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageSnapshot {
+    pub hash: PageHash,
+    /// `None` for a namespace's first page.
+    pub parent: Option<PageHash>,
+    pub location: PageLocation,
+}
+
 /// One page copy (or several) that left the index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EvictedPage {
@@ -456,6 +465,30 @@ impl Tree {
         let ps = self.page_size;
         let tokens = self.nodes[n as usize].tokens[off * ps..(off + 1) * ps].to_vec();
         Some((self.parent_hash(n, off), tokens))
+    }
+
+    /// Every cached page, parents before children: its hash, its parent's
+    /// and where its copies are (for a KV-events subscriber's snapshot).
+    pub(crate) fn snapshot(&self, out: &mut Vec<PageSnapshot>) {
+        let mut stack: Vec<u32> = self.nodes[ROOT as usize]
+            .children
+            .iter()
+            .map(|(_, c)| c)
+            .collect();
+        while let Some(n) = stack.pop() {
+            let node = &self.nodes[n as usize];
+            let mut parent = self.nodes[node.parent as usize].last_hash();
+            for slot in &node.slots {
+                let hash = slot.hash();
+                out.push(PageSnapshot {
+                    hash,
+                    parent,
+                    location: slot.loc,
+                });
+                parent = Some(hash);
+            }
+            stack.extend(node.children.iter().map(|(_, c)| c));
+        }
     }
 
     /// The parent page of a page: `None` for a namespace's first page.

@@ -448,3 +448,75 @@ fn a_released_soft_pin_stops_raising_the_rank() {
         index.check_invariants();
     }
 }
+
+/// A subscriber that applies every event to a set of (page, tier) copies
+/// ends up with exactly what a snapshot lists, parents before children.
+#[test]
+fn a_snapshot_equals_the_replayed_events() {
+    let sink = Arc::new(Collect::default());
+    let index = RadixIndex::new(IndexConfig::builder().events(sink.clone()).build().unwrap());
+    let ns = index
+        .create_namespace(
+            &NamespaceKey::new("t", "m", "l", ""),
+            NamespaceConfig::new(2).unwrap(),
+        )
+        .unwrap();
+    let mut next = 0u32;
+    for round in 0..40u32 {
+        // Prompts sharing prefixes of varying length, so edges split.
+        let shared = (round % 5) * 2;
+        let tokens: Vec<u32> = (0..shared)
+            .chain(1000 + round * 10..1006 + round * 10)
+            .collect();
+        let blocks: Vec<BlockId> = (0..tokens.len() / 2)
+            .map(|_| {
+                next += 1;
+                BlockId(next)
+            })
+            .collect();
+        let tier = if round % 3 == 0 {
+            Tier::Disk
+        } else {
+            Tier::Host
+        };
+        index.insert(ns, &tokens, tier, &blocks).unwrap();
+        if round % 4 == 3 {
+            index.evict(Tier::Host, 3);
+        }
+    }
+    let mut copies: std::collections::BTreeSet<(PageHash, Tier)> = Default::default();
+    let mut parents: HashMap<PageHash, Option<PageHash>> = HashMap::new();
+    for e in sink.take() {
+        match e {
+            IndexEvent::Stored {
+                hash, parent, tier, ..
+            } => {
+                copies.insert((hash, tier));
+                parents.insert(hash, parent);
+            }
+            IndexEvent::Removed { hash, tier, .. } => {
+                copies.remove(&(hash, tier));
+            }
+            IndexEvent::Cleared { .. } => copies.clear(),
+        }
+    }
+    let (pages, marker) = index.snapshot(ns, || 7).unwrap();
+    assert_eq!(marker, 7);
+    let mut seen = std::collections::HashSet::new();
+    let mut listed = std::collections::BTreeSet::new();
+    for p in &pages {
+        if let Some(parent) = p.parent {
+            assert!(seen.contains(&parent), "a parent comes before its child");
+        }
+        assert_eq!(parents[&p.hash], p.parent);
+        seen.insert(p.hash);
+        for (tier, _) in p.location.copies() {
+            listed.insert((p.hash, tier));
+        }
+    }
+    assert!(!pages.is_empty());
+    assert_eq!(listed, copies);
+    let (total, per_tier) = index.namespace_pages(ns).unwrap();
+    assert_eq!(total, pages.len() as u64);
+    assert_eq!(per_tier.iter().sum::<u64>(), copies.len() as u64);
+}
