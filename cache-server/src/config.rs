@@ -31,6 +31,8 @@ pub struct CacheConfig {
     pub(crate) max_tokens_per_call: usize,
     pub(crate) max_pinned_pages_per_tenant: u64,
     pub(crate) clock: Option<Arc<dyn radix_tree::Clock>>,
+    pub(crate) host_shm: Option<PathBuf>,
+    pub(crate) events: Option<Arc<dyn radix_tree::EventSink>>,
 }
 
 impl CacheConfig {
@@ -56,6 +58,8 @@ impl CacheConfig {
             max_tokens_per_call: 1 << 20,
             max_pinned_pages_per_tenant: u64::MAX,
             clock: None,
+            host_shm: None,
+            events: None,
         })
     }
 
@@ -65,6 +69,14 @@ impl CacheConfig {
 
     pub fn block_bytes(&self) -> usize {
         self.block_bytes
+    }
+
+    pub fn layout(&self) -> &str {
+        &self.layout
+    }
+
+    pub fn max_tokens_per_call(&self) -> usize {
+        self.max_tokens_per_call
     }
 }
 
@@ -129,6 +141,21 @@ impl CacheConfigBuilder {
     /// tests pass a `radix_tree::ManualClock`).
     pub fn clock(mut self, clock: Arc<dyn radix_tree::Clock>) -> Self {
         self.0.clock = Some(clock);
+        self
+    }
+
+    /// Keeps the host tier in a shared-memory file at `path` (for example
+    /// under `/dev/shm`), so local clients can map it and read and write
+    /// blocks in place. Anyone who can open the file sees every block: it
+    /// is created `0600`, for clients running as the server's user.
+    pub fn host_shm(mut self, path: impl Into<PathBuf>) -> Self {
+        self.0.host_shm = Some(path.into());
+        self
+    }
+
+    /// Where the index reports blocks stored and removed (KV events).
+    pub fn events(mut self, sink: Arc<dyn radix_tree::EventSink>) -> Self {
+        self.0.events = Some(sink);
         self
     }
 

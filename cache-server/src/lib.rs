@@ -36,6 +36,8 @@ mod config;
 mod error;
 pub mod meta;
 
-pub use cache::{Cache, CacheStats, Lookup, LookupOptions, PrefetchId, StoreOutcome};
+pub use cache::{
+    Cache, CacheStats, HostReservation, Lookup, LookupOptions, PrefetchId, StoreOutcome,
+};
 pub use config::{CacheConfig, CacheConfigBuilder, WriteMode};
 pub use error::{CacheError, Result};

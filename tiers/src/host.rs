@@ -283,6 +283,22 @@ impl SlotTable {
         }
     }
 
+    /// Frees a slot only if it is reserved and unwritten: `false` (and no
+    /// change) for any other state, so a caller that may hold a stale slot
+    /// id can never free a published block.
+    pub(crate) fn unreserve(&self, slot: SlotId) -> bool {
+        let Ok(state) = self.check(slot) else {
+            return false;
+        };
+        let freed = state
+            .compare_exchange(RESERVED, FREE, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok();
+        if freed {
+            self.release(slot.0);
+        }
+        freed
+    }
+
     fn release(&self, slot: u32) {
         self.used.fetch_sub(1, Ordering::Relaxed);
         self.push(slot);
@@ -654,6 +670,25 @@ impl HostPool {
             slots: &self.slots,
             slot,
         })
+    }
+
+    /// Publishes a reserved slot whose bytes were written in place by a
+    /// shared-memory client (not through [`write`](BlockPool::write)): the
+    /// slot becomes readable as it stands. `Empty` if the slot is not
+    /// reserved (never allocated, freed, or already published).
+    pub fn seal(&self, slot: SlotId) -> Result<()> {
+        self.slots.begin_write(slot)?;
+        if self.slots.end_write(slot, true) {
+            Ok(())
+        } else {
+            Err(TierError::Empty(slot))
+        }
+    }
+
+    /// Frees a slot that is reserved and unwritten (a shared-memory
+    /// reservation given up); any other slot is left alone: `false`.
+    pub fn unreserve(&self, slot: SlotId) -> bool {
+        self.slots.unreserve(slot)
     }
 
     fn offset(&self, slot: SlotId) -> usize {

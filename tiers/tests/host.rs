@@ -256,6 +256,43 @@ fn shm_view_reads_the_pools_bytes_in_place() {
     assert_eq!(check_pattern(view.block(slots[1]).unwrap(), slots[1].0), 1);
 }
 
+/// A client writes a reserved slot through the file and the pool seals it:
+/// the block becomes readable as written, exactly once.
+#[test]
+fn sealing_publishes_bytes_written_in_place() {
+    let dir = shm_dir();
+    let g = geometry(8192);
+    let (p, path) = shm_pool(dir.path(), g, 2);
+    let slot = p.allocate().unwrap();
+    assert!(
+        matches!(p.block(slot), Err(TierError::Empty(_))),
+        "a reserved slot is not readable"
+    );
+    patch(
+        &path,
+        p.slot_offset(slot).unwrap(),
+        &pattern(8192, slot.0, 9),
+    );
+    p.seal(slot).unwrap();
+    assert_eq!(check_pattern(&p.block(slot).unwrap(), slot.0), 9);
+    assert!(
+        matches!(p.seal(slot), Err(TierError::Empty(_))),
+        "sealed twice"
+    );
+    assert!(
+        matches!(p.seal(SlotId(1)), Err(TierError::Empty(_))),
+        "never reserved"
+    );
+    assert!(!p.unreserve(slot), "a published block is not a reservation");
+    assert_eq!(p.used(), 1);
+    p.free(slot);
+    assert!(matches!(p.seal(slot), Err(TierError::Empty(_))), "freed");
+    let other = p.allocate().unwrap();
+    assert!(p.unreserve(other));
+    assert!(!p.unreserve(other), "once");
+    assert_eq!(p.used(), 0);
+}
+
 #[test]
 fn shm_view_rejects_the_wrong_geometry() {
     let dir = shm_dir();

@@ -10,11 +10,15 @@
 use crate::config::{CacheConfig, WriteMode};
 use crate::error::{CacheError, Result};
 use crate::meta;
+
+mod maintenance;
+mod shm;
 use parking_lot::Mutex;
 use radix_tree::{
     BlockId, Candidate, EvictedPage, IndexConfig, IndexError, Lease, NamespaceConfig, NamespaceId,
     NamespaceKey, PageHash, PageLocation, PinKind, RadixIndex, Tier, TIERS,
 };
+pub use shm::HostReservation;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -57,6 +61,9 @@ pub struct CacheStats {
     pub write_throughs: AtomicU64,
     /// Pages a store could not keep because a tier was full of pinned pages.
     pub store_rejections: AtomicU64,
+    /// Pages stored through shared memory (reserved, written in place,
+    /// committed).
+    pub shm_commits: AtomicU64,
 }
 
 /// What a lookup may do besides matching.
@@ -172,11 +179,11 @@ impl Cache {
                 )));
             }
         }
-        let host = Arc::new(HostPool::new(
-            HostPoolConfig::builder(geometry)
-                .capacity_bytes(config.host_bytes)
-                .build()?,
-        )?);
+        let mut host_config = HostPoolConfig::builder(geometry).capacity_bytes(config.host_bytes);
+        if let Some(path) = &config.host_shm {
+            host_config = host_config.shared_memory(path);
+        }
+        let host = Arc::new(HostPool::new(host_config.build()?)?);
         let (disk, recovered) = match &config.disk {
             Some((dir, bytes)) => {
                 let mut builder = DiskPoolConfig::builder(dir, geometry).capacity_bytes(*bytes);
@@ -196,6 +203,9 @@ impl Cache {
             .max_pinned_pages_per_tenant(config.max_pinned_pages_per_tenant);
         if let Some(clock) = &config.clock {
             index_config = index_config.clock(clock.clone());
+        }
+        if let Some(sink) = &config.events {
+            index_config = index_config.events(sink.clone());
         }
         let index = RadixIndex::new(index_config.build()?);
         let pools: [Option<Arc<dyn BlockPool>>; TIERS] = [
@@ -334,57 +344,13 @@ impl Cache {
             });
         }
         let hashes = self.index.page_hashes(ns, &tokens[..pages * ps])?;
-        // New blocks land on the fastest tier.
+        let parent = cached.checked_sub(1).map(|i| hashes[i]);
+        let new_tokens = &tokens[cached * ps..pages * ps];
+        let new_data = &data[(cached - first_page) * bb..];
         let top = self.top();
-        let top_pool = self.pool(top).expect("the top tier exists").clone();
-        let mut slots = Vec::with_capacity(pages - cached);
-        let mut meta_buf = Vec::new();
-        for p in cached..pages {
-            let slot = match self.allocate(top) {
-                Ok(s) => s,
-                Err(e) => {
-                    self.free_all(top, &slots);
-                    self.stats
-                        .store_rejections
-                        .fetch_add((pages - p) as u64, Ordering::Relaxed);
-                    return Err(e);
-                }
-            };
-            let parent = p.checked_sub(1).map(|i| hashes[i]);
-            meta::encode(&key, parent, &tokens[p * ps..(p + 1) * ps], &mut meta_buf);
-            let block = &data[(p - first_page) * bb..][..bb];
-            if let Err(e) = top_pool.write(slot, block, &meta_buf) {
-                top_pool.free(slot);
-                self.free_all(top, &slots);
-                return Err(e.into());
-            }
-            slots.push(BlockId(slot.0));
-        }
-        // Insert in chunks so that no lookup waits long behind one store.
-        let mut stored = 0;
-        for (c, chunk) in slots.chunks(STORE_CHUNK).enumerate() {
-            let first = cached + c * STORE_CHUNK;
-            let parent = first.checked_sub(1).map(|i| hashes[i]);
-            let span = &tokens[first * ps..(first + chunk.len()) * ps];
-            match self.index.insert_after(ns, parent, span, top, chunk) {
-                Ok(out) => {
-                    stored += out.new_pages;
-                    self.free_all(top, &out.rejected);
-                }
-                Err(e) => {
-                    // The prefix was evicted meanwhile (the pages have no
-                    // parent), or the call failed: the rest is not stored.
-                    self.free_all(top, &slots[c * STORE_CHUNK..]);
-                    if stored == 0 && !matches!(e, IndexError::UnknownPage(_)) {
-                        return Err(e.into());
-                    }
-                    return Ok(StoreOutcome {
-                        cached_pages: cached,
-                        stored_pages: stored,
-                    });
-                }
-            }
-        }
+        let slots =
+            self.write_blocks(&key, parent, new_tokens, &hashes[cached..], new_data, top)?;
+        let stored = self.insert_written(ns, parent, new_tokens, &hashes[cached..], top, slots)?;
         if self.config.write_mode == WriteMode::WriteThrough {
             self.write_through(ns, &hashes[cached..pages]);
         }
@@ -392,6 +358,163 @@ impl Cache {
             cached_pages: cached,
             stored_pages: stored,
         })
+    }
+
+    /// Stores pages named by hash (SGLang HiCache's `batch_set`): the pages
+    /// that follow the cached page `parent` (`None`: the namespace's first
+    /// pages), whose tokens must chain to `hashes`. Pages cached already
+    /// are skipped. Fails with `UnknownPage` if `parent` is not cached.
+    pub fn store_after(
+        &self,
+        ns: NamespaceId,
+        parent: Option<PageHash>,
+        hashes: &[PageHash],
+        tokens: &[u32],
+        data: &[u8],
+    ) -> Result<StoreOutcome> {
+        self.reap();
+        let ps = self.config.page_size;
+        let bb = self.config.block_bytes;
+        if tokens.len() != hashes.len() * ps || data.len() != hashes.len() * bb {
+            return Err(CacheError::InvalidArgument(format!(
+                "{} hashes need {} tokens and {} bytes; got {} and {}",
+                hashes.len(),
+                hashes.len() * ps,
+                hashes.len() * bb,
+                tokens.len(),
+                data.len()
+            )));
+        }
+        let key = self.key_bytes(ns)?;
+        let seed = self.index.namespace_key(ns)?.seed();
+        let mut chained = parent.unwrap_or(seed);
+        for (i, (page, &hash)) in tokens.chunks(ps).zip(hashes).enumerate() {
+            chained = chained.chain(page);
+            if chained != hash {
+                return Err(CacheError::InvalidArgument(format!(
+                    "page {i}: its tokens hash to {chained}, not {hash}"
+                )));
+            }
+        }
+        if let Some(p) = parent {
+            if self.index.location(ns, p)?.is_none() {
+                return Err(IndexError::UnknownPage(p).into());
+            }
+        }
+        let mut cached = 0;
+        while cached < hashes.len() && self.index.location(ns, hashes[cached])?.is_some() {
+            cached += 1;
+        }
+        if cached == hashes.len() {
+            return Ok(StoreOutcome {
+                cached_pages: cached,
+                stored_pages: 0,
+            });
+        }
+        let first_parent = cached.checked_sub(1).map(|i| hashes[i]).or(parent);
+        let new_tokens = &tokens[cached * ps..];
+        let top = self.top();
+        let slots = self.write_blocks(
+            &key,
+            first_parent,
+            new_tokens,
+            &hashes[cached..],
+            &data[cached * bb..],
+            top,
+        )?;
+        let stored =
+            self.insert_written(ns, first_parent, new_tokens, &hashes[cached..], top, slots)?;
+        if self.config.write_mode == WriteMode::WriteThrough {
+            self.write_through(ns, &hashes[cached..]);
+        }
+        Ok(StoreOutcome {
+            cached_pages: cached,
+            stored_pages: stored,
+        })
+    }
+
+    /// Writes one block per page of `tokens` (the pages after `parent`,
+    /// named `hashes`) into fresh slots of `tier`. On failure no slot is
+    /// left allocated.
+    fn write_blocks(
+        &self,
+        key: &[u8],
+        parent: Option<PageHash>,
+        tokens: &[u32],
+        hashes: &[PageHash],
+        data: &[u8],
+        tier: Tier,
+    ) -> Result<Vec<BlockId>> {
+        let ps = self.config.page_size;
+        let bb = self.config.block_bytes;
+        let pages = tokens.len() / ps;
+        let pool = self.pool(tier).expect("the tier exists").clone();
+        let mut slots = Vec::with_capacity(pages);
+        let mut meta_buf = Vec::new();
+        for p in 0..pages {
+            let slot = match self.allocate(tier) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.free_all(tier, &slots);
+                    self.stats
+                        .store_rejections
+                        .fetch_add((pages - p) as u64, Ordering::Relaxed);
+                    return Err(e);
+                }
+            };
+            let page_parent = if p == 0 { parent } else { Some(hashes[p - 1]) };
+            meta::encode(
+                key,
+                page_parent,
+                &tokens[p * ps..(p + 1) * ps],
+                &mut meta_buf,
+            );
+            if let Err(e) = pool.write(slot, &data[p * bb..][..bb], &meta_buf) {
+                pool.free(slot);
+                self.free_all(tier, &slots);
+                return Err(e.into());
+            }
+            slots.push(BlockId(slot.0));
+        }
+        Ok(slots)
+    }
+
+    /// Records written blocks (one per page of `tokens`, the pages after
+    /// `parent`, named `hashes`) on `tier`, in chunks so that no lookup waits long behind
+    /// one store. Blocks the index does not take are freed. Returns the
+    /// pages stored.
+    fn insert_written(
+        &self,
+        ns: NamespaceId,
+        parent: Option<PageHash>,
+        tokens: &[u32],
+        hashes: &[PageHash],
+        tier: Tier,
+        slots: Vec<BlockId>,
+    ) -> Result<usize> {
+        let ps = self.config.page_size;
+        let mut stored = 0;
+        for (c, chunk) in slots.chunks(STORE_CHUNK).enumerate() {
+            let first = c * STORE_CHUNK;
+            let parent = first.checked_sub(1).map(|i| hashes[i]).or(parent);
+            let span = &tokens[first * ps..(first + chunk.len()) * ps];
+            match self.index.insert_after(ns, parent, span, tier, chunk) {
+                Ok(out) => {
+                    stored += out.new_pages;
+                    self.free_all(tier, &out.rejected);
+                }
+                Err(e) => {
+                    // The prefix was evicted meanwhile (the pages have no
+                    // parent), or the call failed: the rest is not stored.
+                    self.free_all(tier, &slots[first..]);
+                    if stored == 0 && !matches!(e, IndexError::UnknownPage(_)) {
+                        return Err(e.into());
+                    }
+                    return Ok(stored);
+                }
+            }
+        }
+        Ok(stored)
     }
 
     fn free_all(&self, tier: Tier, blocks: &[BlockId]) {
@@ -584,11 +707,10 @@ impl Cache {
         };
     }
 
-    /// Queues copies of freshly stored pages from the top tier to disk.
+    /// Queues copies of pages to disk from their fastest copy (freshly
+    /// stored pages: the top tier).
     fn write_through(&self, ns: NamespaceId, hashes: &[PageHash]) {
-        let top = self.top();
-        let (Some(disk), Some(source)) = (self.pool(Tier::Disk).cloned(), self.pool(top).cloned())
-        else {
+        let Some(disk) = self.pool(Tier::Disk).cloned() else {
             return;
         };
         let mut moves = Vec::new();
@@ -598,7 +720,10 @@ impl Cache {
             let Ok(Some(loc)) = self.index.location(ns, hash) else {
                 continue;
             };
-            let (Some(block), false) = (loc.get(top), loc.has(Tier::Disk)) else {
+            let Some((from, block)) = loc.copies().next().filter(|_| !loc.has(Tier::Disk)) else {
+                continue;
+            };
+            let Some(source) = self.pool(from).cloned() else {
                 continue;
             };
             let Ok(lease) = self.index.pin_page(ns, hash, PinKind::Lease, MOVE_LEASE) else {
@@ -610,12 +735,12 @@ impl Cache {
             };
             let _ = self.make_room(Tier::Disk, 1);
             moves.push(Move {
-                from: source.clone(),
+                from: source,
                 slot: SlotId(block.0),
                 to: disk.clone(),
                 meta,
             });
-            targets.push((ns, hash, top, Tier::Disk));
+            targets.push((ns, hash, from, Tier::Disk));
             leases.push(lease);
         }
         if !moves.is_empty() {
