@@ -32,12 +32,15 @@
 //!   again.
 
 mod cache;
+pub mod client;
 mod config;
 mod error;
 pub mod meta;
+pub mod server;
 
 pub use cache::{
-    Cache, CacheStats, HostReservation, Lookup, LookupOptions, PrefetchId, StoreOutcome,
+    block_geometry, Cache, CacheStats, HostReservation, Lookup, LookupOptions, PrefetchId,
+    StoreOutcome,
 };
 pub use config::{CacheConfig, CacheConfigBuilder, WriteMode};
 pub use error::{CacheError, Result};

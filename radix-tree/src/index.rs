@@ -53,6 +53,11 @@ impl IndexConfig {
     pub fn policy(&self) -> &dyn EvictionPolicy {
         &*self.policy
     }
+
+    /// The clock lease expiry times are read on.
+    pub fn clock(&self) -> &dyn Clock {
+        &*self.clock
+    }
 }
 
 /// Builder for [`IndexConfig`].

@@ -64,3 +64,19 @@ impl Cache {
         self.top()
     }
 }
+
+impl Cache {
+    /// Every namespace the cache knows (those recovered from disk too),
+    /// with its key.
+    pub fn namespaces(&self) -> Vec<(NamespaceId, radix_tree::NamespaceKey)> {
+        let ids: Vec<NamespaceId> = self.namespaces.lock().keys().copied().collect();
+        ids.into_iter()
+            .filter_map(|ns| Some((ns, self.index.namespace_key(ns).ok()?)))
+            .collect()
+    }
+
+    /// Now, on the clock lease expiry times are read on.
+    pub fn now_ms(&self) -> u64 {
+        self.index.config().clock().now_ms()
+    }
+}

@@ -49,6 +49,17 @@ fn chunks(total: usize) -> impl Iterator<Item = usize> {
 /// wedge the cache).
 const MOVE_LEASE: Duration = Duration::from_secs(60);
 
+/// The geometry of a cache's blocks: what a shared-memory client checks
+/// the host tier's file against.
+pub fn block_geometry(page_size: usize, block_bytes: usize, layout: &str) -> Result<BlockGeometry> {
+    let layout_digest = xxhash_rust::xxh3::xxh3_64(layout.as_bytes());
+    let max_meta = meta::max_len(
+        &NamespaceKey::new("x".repeat(MAX_KEY_BYTES), "", "", ""),
+        page_size,
+    );
+    Ok(BlockGeometry::new(block_bytes, max_meta, layout_digest)?)
+}
+
 /// Counters of the facade (the index and the pools keep their own).
 #[derive(Debug, Default)]
 pub struct CacheStats {
@@ -165,12 +176,8 @@ impl Cache {
     /// Builds the pools, and rebuilds the index from the disk tier's blocks
     /// when there is one (a warm restart).
     pub fn open(config: CacheConfig) -> Result<Cache> {
-        let layout_digest = xxhash_rust::xxh3::xxh3_64(config.layout.as_bytes());
-        let max_meta = meta::max_len(
-            &NamespaceKey::new("x".repeat(MAX_KEY_BYTES), "", "", ""),
-            config.page_size,
-        );
-        let geometry = BlockGeometry::new(config.block_bytes, max_meta, layout_digest)?;
+        let geometry = block_geometry(config.page_size, config.block_bytes, &config.layout)?;
+        let max_meta = geometry.max_meta_bytes;
         if let Some(device) = &config.device {
             if device.geometry().max_meta_bytes < max_meta {
                 return Err(CacheError::InvalidConfig(format!(

@@ -129,3 +129,76 @@ impl Cache {
         })
     }
 }
+
+impl Cache {
+    /// Where each page's host copy sits in the shared-memory file, copying
+    /// pages that have none up from their fastest copy first (a
+    /// synchronous promotion). The caller holds a lease on the pages.
+    /// `None` from the first page that has no sound copy left (a miss).
+    pub fn host_offsets(
+        &self,
+        ns: NamespaceId,
+        hashes: &[radix_tree::PageHash],
+    ) -> Result<Vec<Option<u64>>> {
+        if self.host.shm_path().is_none() {
+            return Err(CacheError::InvalidArgument(
+                "the host tier is not in shared memory".into(),
+            ));
+        }
+        let mut out = Vec::with_capacity(hashes.len());
+        let mut buf = Vec::new();
+        for &hash in hashes {
+            let offset = match self
+                .index
+                .location(ns, hash)?
+                .and_then(|l| l.get(Tier::Host))
+            {
+                Some(block) => Some(self.host.slot_offset(SlotId(block.0))?),
+                None => self.promote_to_host(ns, hash, &mut buf)?,
+            };
+            let missing = offset.is_none();
+            out.push(offset);
+            if missing {
+                // A prefix ends at its first miss.
+                out.resize(hashes.len(), None);
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    fn promote_to_host(
+        &self,
+        ns: NamespaceId,
+        hash: radix_tree::PageHash,
+        buf: &mut Vec<u8>,
+    ) -> Result<Option<u64>> {
+        buf.resize(self.config.block_bytes, 0);
+        if self.read_page(ns, hash, buf)?.is_none() {
+            return Ok(None);
+        }
+        let slot = self.allocate(Tier::Host)?;
+        if let Err(e) = self.host.write(slot, buf, &[]) {
+            self.host.free(slot);
+            return Err(e.into());
+        }
+        match self
+            .index
+            .add_location(ns, hash, Tier::Host, BlockId(slot.0))
+        {
+            Ok(()) => {
+                self.stats.promotions.fetch_add(1, Ordering::Relaxed);
+                Ok(Some(self.host.slot_offset(slot)?))
+            }
+            Err(_) => {
+                // A copy landed meanwhile (a prefetch): use that one.
+                self.host.free(slot);
+                let loc = self.index.location(ns, hash)?;
+                match loc.and_then(|l| l.get(Tier::Host)) {
+                    Some(b) => Ok(Some(self.host.slot_offset(SlotId(b.0))?)),
+                    None => Ok(None),
+                }
+            }
+        }
+    }
+}
