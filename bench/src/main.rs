@@ -5,8 +5,10 @@ mod belady;
 mod capacity;
 #[cfg(feature = "dynamo")]
 mod peer_dynamo;
+mod peer_redis;
 mod replay;
 mod report;
+mod sidecar;
 mod tiers;
 mod trace;
 
@@ -38,6 +40,12 @@ enum Command {
     /// (target: p99 under the storm within 2x of idle); and a warm restart,
     /// reopening a disk tier of 100k blocks and rebuilding the index.
     Tiers(tiers::TiersArgs),
+    /// Benchmark the gRPC sidecar in this process through its Rust client:
+    /// lookup latency of a cached 8k-token prompt over the Unix socket;
+    /// load throughput over gRPC and shared memory beside memcpy and Redis
+    /// GET of the same blocks (Redis is installed and started on loopback);
+    /// and 64 concurrent clients mixing lookups, loads and stores.
+    Sidecar(sidecar::SidecarArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -75,6 +83,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Replay(args) => run_replay(args),
         Command::Tiers(args) => tiers::run(&args),
+        Command::Sidecar(args) => sidecar::run(&args),
     }
 }
 

@@ -119,3 +119,33 @@ impl Report {
         s
     }
 }
+
+/// Latency percentiles, in microseconds.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Percentiles {
+    pub samples: usize,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+}
+
+impl Percentiles {
+    /// Percentiles of latencies given in nanoseconds.
+    pub fn of(mut ns: Vec<u64>) -> Self {
+        ns.sort_unstable();
+        let at = |q: f64| {
+            let i = ((ns.len() as f64 * q).ceil() as usize).clamp(1, ns.len()) - 1;
+            ns[i] as f64 / 1e3
+        };
+        Self {
+            samples: ns.len(),
+            p50_us: at(0.50),
+            p90_us: at(0.90),
+            p99_us: at(0.99),
+            p999_us: at(0.999),
+            max_us: ns.last().map_or(0.0, |&x| x as f64 / 1e3),
+        }
+    }
+}

@@ -10,6 +10,7 @@
 //! - **Warm restart.** A disk tier holding many small blocks is closed and
 //!   reopened; `Cache::open` reads the journal back and rebuilds the index.
 
+use crate::report::Percentiles;
 use anyhow::{ensure, Context, Result};
 use cache_server::{Cache, CacheConfig, LookupOptions, WriteMode};
 use radix_tree::{Match, NamespaceId, Tier};
@@ -75,32 +76,6 @@ pub struct TiersArgs {
     /// Write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
-}
-
-#[derive(Debug, Serialize)]
-struct Percentiles {
-    samples: usize,
-    p50_us: f64,
-    p99_us: f64,
-    p999_us: f64,
-    max_us: f64,
-}
-
-impl Percentiles {
-    fn of(mut ns: Vec<u64>) -> Self {
-        ns.sort_unstable();
-        let at = |q: f64| {
-            let i = ((ns.len() as f64 * q).ceil() as usize).clamp(1, ns.len()) - 1;
-            ns[i] as f64 / 1e3
-        };
-        Self {
-            samples: ns.len(),
-            p50_us: at(0.50),
-            p99_us: at(0.99),
-            p999_us: at(0.999),
-            max_us: ns.last().map_or(0.0, |&x| x as f64 / 1e3),
-        }
-    }
 }
 
 #[derive(Debug, Serialize)]

@@ -225,6 +225,19 @@ pub struct Client {
     admin: AdminClient<Svc>,
 }
 
+/// The server's HTTP/2 settings on the client side: block-sized windows.
+fn tuned(e: Endpoint) -> Endpoint {
+    use crate::server::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW};
+    e.initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+}
+
+/// Token ids as the contract carries them: u32 little-endian.
+fn wire_tokens(tokens: &[u32]) -> Vec<u8> {
+    tokens.iter().flat_map(|t| t.to_le_bytes()).collect()
+}
+
 fn to_tier(t: i32) -> Option<Tier> {
     match pb::Tier::try_from(t).ok()? {
         pb::Tier::Device => Some(Tier::Device),
@@ -255,7 +268,7 @@ impl Client {
     pub async fn connect(target: &str, token: Option<&str>) -> Result<Client> {
         let channel = if let Some(path) = target.strip_prefix("unix:") {
             let path = PathBuf::from(path);
-            Endpoint::from_static("http://radixkv.local")
+            tuned(Endpoint::from_static("http://radixkv.local"))
                 .connect_with_connector(tower::service_fn(move |_| {
                     let path = path.clone();
                     async move {
@@ -270,8 +283,7 @@ impl Client {
             } else {
                 format!("http://{target}")
             };
-            Endpoint::from_shared(url)
-                .map_err(|e| ClientError::Connect(e.to_string()))?
+            tuned(Endpoint::from_shared(url).map_err(|e| ClientError::Connect(e.to_string()))?)
                 .tcp_nodelay(true)
                 .connect()
                 .await
@@ -291,13 +303,15 @@ impl Client {
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(ca_pem))
             .domain_name(domain);
-        let channel = Endpoint::from_shared(format!("https://{addr}"))
-            .map_err(|e| ClientError::Connect(e.to_string()))?
-            .tls_config(tls)
-            .map_err(|e| ClientError::Connect(e.to_string()))?
-            .connect()
-            .await
-            .map_err(|e| ClientError::Connect(format!("{addr}: {e}")))?;
+        let channel = tuned(
+            Endpoint::from_shared(format!("https://{addr}"))
+                .map_err(|e| ClientError::Connect(e.to_string()))?,
+        )
+        .tls_config(tls)
+        .map_err(|e| ClientError::Connect(e.to_string()))?
+        .connect()
+        .await
+        .map_err(|e| ClientError::Connect(format!("{addr}: {e}")))?;
         Self::over(channel, token)
     }
 
@@ -356,7 +370,7 @@ impl Client {
             .clone()
             .lookup(pb::LookupRequest {
                 scope: Some(scope.wire()),
-                tokens: tokens.to_vec(),
+                tokens: wire_tokens(tokens),
                 lease_ms: lease_ms.unwrap_or(0),
                 prefetch,
             })
@@ -469,7 +483,7 @@ impl Client {
     ) -> Result<StoreReply> {
         let header = pb::StoreHeader {
             scope: Some(scope.wire()),
-            tokens: tokens.to_vec(),
+            tokens: wire_tokens(tokens),
             first_page: first_page as u32,
         };
         let step = block_bytes.max(1);
@@ -528,7 +542,7 @@ impl Client {
                 reservation_id: reservation,
                 header: Some(pb::StoreHeader {
                     scope: Some(scope.wire()),
-                    tokens: tokens.to_vec(),
+                    tokens: wire_tokens(tokens),
                     first_page: first_page as u32,
                 }),
             })
@@ -575,7 +589,7 @@ impl Client {
             .clone()
             .pin(pb::PinRequest {
                 scope: Some(scope.wire()),
-                tokens: tokens.to_vec(),
+                tokens: wire_tokens(tokens),
                 ttl_ms: ttl.as_millis() as u64,
                 priority: u32::from(priority),
             })
@@ -642,7 +656,7 @@ impl Client {
                     .parent
                     .map(|h| h.to_le_bytes().to_vec())
                     .unwrap_or_default(),
-                tokens: p.tokens,
+                tokens: wire_tokens(&p.tokens),
                 data: p.data,
             })
             .collect();

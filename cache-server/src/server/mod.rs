@@ -81,7 +81,7 @@ impl Server {
                 .await
                 .with_context(|| format!("binding {addr}"))?;
             tcp = Some(listener.local_addr()?);
-            let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+            let mut builder = transport().tcp_nodelay(true);
             if let Some(tls) = &config.tls {
                 let cert = std::fs::read(&tls.cert)
                     .with_context(|| format!("reading {}", tls.cert.display()))?;
@@ -104,9 +104,7 @@ impl Server {
         let _ = std::fs::remove_file(&unix_path);
         let unix_listener = tokio::net::UnixListener::bind(&unix_path)
             .with_context(|| format!("binding {}", unix_path.display()))?;
-        let router = tonic::transport::Server::builder()
-            .add_service(cache_svc)
-            .add_service(admin_svc);
+        let router = transport().add_service(cache_svc).add_service(admin_svc);
         tasks.push(tokio::spawn(router.serve_with_incoming_shutdown(
             UnixListenerStream::new(unix_listener),
             wait_for(stopped.clone()),
@@ -166,8 +164,17 @@ impl Server {
     /// has no disk copy to disk, and releases the listeners.
     pub async fn shutdown(self) -> anyhow::Result<usize> {
         let _ = self.stop.send(true);
-        for t in self.tasks {
-            t.await.context("a listener task failed")??;
+        // Calls in flight get a grace period; a client that keeps an idle
+        // connection open must not hold the shutdown (and the persist) up.
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        for mut t in self.tasks {
+            match tokio::time::timeout_at(deadline, &mut t).await {
+                Ok(joined) => joined.context("a listener task failed")??,
+                Err(_) => {
+                    tracing::warn!("connections still open after the grace period: closing them");
+                    t.abort();
+                }
+            }
         }
         for b in self.background {
             b.abort();
@@ -180,6 +187,26 @@ impl Server {
         Ok(persisted)
     }
 }
+
+/// HTTP/2 settings for block-sized messages: windows far above h2's 64 KiB
+/// default (which would throttle a stream of MiB blocks to a trickle) and
+/// large frames.
+fn transport() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+}
+
+/// How long a shutdown waits for calls in flight.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Per-stream HTTP/2 flow-control window.
+pub const STREAM_WINDOW: u32 = 8 << 20;
+/// Per-connection HTTP/2 flow-control window.
+pub const CONNECTION_WINDOW: u32 = 32 << 20;
+/// Largest HTTP/2 frame.
+pub const MAX_FRAME: u32 = 1 << 20;
 
 async fn wait_for(mut stopped: watch::Receiver<bool>) {
     let _ = stopped.wait_for(|s| *s).await;

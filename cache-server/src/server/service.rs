@@ -258,7 +258,7 @@ impl CacheService {
         let s = &self.state;
         let tenant = s.auth.tenant(&request)?;
         let r = request.into_inner();
-        s.check_tokens(&r.tokens)?;
+        let tokens = s.tokens(&r.tokens)?;
         let ns = s
             .namespaces
             .resolve(&s.cache, &tenant.name, r.scope.as_ref())?;
@@ -270,7 +270,7 @@ impl CacheService {
         };
         let hit = s.cache.lookup(
             ns,
-            &r.tokens,
+            &tokens,
             LookupOptions {
                 lease,
                 promote: r.prefetch,
@@ -278,7 +278,7 @@ impl CacheService {
         )?;
         let counters = s.metrics.tenant(&tenant.name);
         counters.lookups.fetch_add(1, Ordering::Relaxed);
-        let whole = (r.tokens.len() / hit.page_size * hit.page_size) as u64;
+        let whole = (tokens.len() / hit.page_size * hit.page_size) as u64;
         counters.lookup_tokens.fetch_add(whole, Ordering::Relaxed);
         let per_tier = hit.fastest_pages();
         for t in Tier::ALL {
@@ -486,12 +486,12 @@ impl CacheService {
         let header = first
             .header
             .ok_or_else(|| invalid("the first message of a store needs a header"))?;
-        s.check_tokens(&header.tokens)?;
+        let tokens = s.tokens(&header.tokens)?;
         let ns = s
             .namespaces
             .resolve(&s.cache, &tenant.name, header.scope.as_ref())?;
         let (ps, bb) = (s.page_size(), s.block_bytes());
-        let pages = header.tokens.len() / ps;
+        let pages = tokens.len() / ps;
         let first_page = header.first_page as usize;
         if first_page > pages {
             return Err(invalid(format!(
@@ -499,7 +499,7 @@ impl CacheService {
             )));
         }
         let expected = (pages - first_page) * bb;
-        let tokens = Arc::new(header.tokens);
+        let tokens = Arc::new(tokens);
         let mut buf = BytesMut::with_capacity(expected.min(STORE_BATCH * bb));
         let mut received = 0usize;
         let mut next = first_page;
@@ -670,12 +670,13 @@ impl CacheService {
                 return Err(invalid("a commit needs a header"));
             }
         };
-        let checked = s.check_tokens(&header.tokens).and_then(|()| {
+        let checked = s.tokens(&header.tokens).and_then(|tokens| {
             s.namespaces
                 .resolve(&s.cache, &tenant.name, header.scope.as_ref())
+                .map(|ns| (ns, tokens))
         });
-        let ns = match checked {
-            Ok(ns) => ns,
+        let (ns, tokens) = match checked {
+            Ok(x) => x,
             Err(e) => {
                 s.cache.cancel_host(&reservation.slots);
                 return Err(e);
@@ -684,12 +685,8 @@ impl CacheService {
         let state = s.clone();
         let first_page = header.first_page as usize;
         let slots = reservation.slots;
-        let out = blocking(move || {
-            Ok(state
-                .cache
-                .commit_host(ns, &header.tokens, first_page, &slots)?)
-        })
-        .await?;
+        let out =
+            blocking(move || Ok(state.cache.commit_host(ns, &tokens, first_page, &slots)?)).await?;
         let bytes = (out.stored_pages * s.block_bytes()) as u64;
         s.metrics
             .shm_store_bytes
@@ -738,7 +735,7 @@ impl CacheService {
         let s = &self.state;
         let tenant = s.auth.tenant(&request)?;
         let r = request.into_inner();
-        s.check_tokens(&r.tokens)?;
+        let tokens = s.tokens(&r.tokens)?;
         let ttl = s.ttl(r.ttl_ms)?;
         let priority = u8::try_from(r.priority)
             .map_err(|_| invalid(format!("priority {} is above 255", r.priority)))?;
@@ -749,7 +746,7 @@ impl CacheService {
         let lease = s
             .cache
             .index()
-            .pin(ns, &r.tokens, PinKind::Session { priority }, ttl)
+            .pin(ns, &tokens, PinKind::Session { priority }, ttl)
             .map_err(crate::CacheError::from)?;
         let id = s.leases.insert(super::leases::Held {
             tenant: Arc::from(tenant.name.as_str()),
@@ -825,14 +822,14 @@ impl CacheService {
                     n
                 }
             };
-            if m.tokens.len() != ps || m.data.len() != bb {
+            let tokens = s.tokens(&m.tokens)?;
+            if tokens.len() != ps || m.data.len() != bb {
                 return Err(invalid(format!(
                     "a page is {ps} tokens and a {bb}-byte block; got {} tokens and {} bytes",
-                    m.tokens.len(),
+                    tokens.len(),
                     m.data.len()
                 )));
             }
-            s.check_tokens(&m.tokens)?;
             let hash = page_hash(&m.hash)?;
             let parent = if m.parent.is_empty() {
                 None
@@ -845,7 +842,7 @@ impl CacheService {
                 run.parent = parent;
             }
             run.hashes.push(hash);
-            run.tokens.extend_from_slice(&m.tokens);
+            run.tokens.extend_from_slice(&tokens);
             run.data.extend_from_slice(&m.data);
         }
         if let Some(ns) = ns {

@@ -69,15 +69,26 @@ impl State {
         self.config.block_bytes
     }
 
-    /// Token ids in range and not too many of them.
-    pub fn check_tokens(&self, tokens: &[u32]) -> Result<(), Status> {
-        let max = self.config.limits.max_tokens_per_request;
-        if tokens.len() > max {
+    /// The token ids of a request (u32 little-endian on the wire), checked:
+    /// whole ids, in range, and not too many of them.
+    pub fn tokens(&self, wire: &[u8]) -> Result<Vec<u32>, Status> {
+        if wire.len() % 4 != 0 {
             return Err(invalid(format!(
-                "{} tokens exceed the limit of {max} per request",
-                tokens.len()
+                "tokens are 4 bytes each (u32 little-endian); got {} bytes",
+                wire.len()
             )));
         }
+        let max = self.config.limits.max_tokens_per_request;
+        if wire.len() / 4 > max {
+            return Err(invalid(format!(
+                "{} tokens exceed the limit of {max} per request",
+                wire.len() / 4
+            )));
+        }
+        let tokens: Vec<u32> = wire
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
         let vocab = self.config.vocab_size;
         if vocab > 0 {
             if let Some(i) = tokens.iter().position(|&t| t >= vocab) {
@@ -87,7 +98,7 @@ impl State {
                 )));
             }
         }
-        Ok(())
+        Ok(tokens)
     }
 
     /// A lease or pin TTL within the limits.

@@ -1,0 +1,684 @@
+//! `bench sidecar`: the gRPC sidecar, started in this process, driven by
+//! the Rust client as an engine would, with baselines measured in the same
+//! run.
+//!
+//! - **Lookup latency**: an 8k-token cached prompt looked up over the Unix
+//!   socket, one call at a time (target: p50 at most 100 µs).
+//! - **Load throughput** per block size, counting only bytes the client has
+//!   copied into its own buffer: over gRPC streams, over shared memory, a
+//!   plain `memcpy` of the same bytes, and Redis GET of the same blocks
+//!   (the same Rust harness, the `redis` crate, the same connection count).
+//!   Targets: shared memory at least 70% of memcpy and 2x Redis; gRPC at
+//!   least Redis.
+//! - **Mixed load**: many concurrent clients mixing lookups, loads and
+//!   stores: errors, throughput, latency percentiles per call, and the
+//!   process's memory against the configured caps.
+
+use crate::peer_redis::RedisServer;
+use crate::report::Percentiles;
+use anyhow::{ensure, Context, Result};
+use bytes::Bytes;
+use cache_server::client::{Client, Scope, SharedTier};
+use cache_server::server::{Server, ServerConfig};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    Lookup,
+    Load,
+    Mixed,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SidecarArgs {
+    /// Run one part only.
+    #[arg(long, value_enum)]
+    pub only: Option<Part>,
+    /// Load: block sizes, comma separated (K and M suffixes are KiB and MiB).
+    #[arg(long, default_value = "256K,1M,2M")]
+    pub block_sizes: String,
+    /// Load: bytes of blocks each measurement cycles through.
+    #[arg(long, default_value_t = 128 << 20)]
+    pub load_bytes: usize,
+    /// Load: concurrent clients (and Redis connections, and memcpy threads).
+    #[arg(long, default_value_t = 4)]
+    pub clients: usize,
+    /// Seconds per load measurement.
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// Skip the Redis peer (no install, no server).
+    #[arg(long)]
+    pub no_redis: bool,
+    /// Lookup: tokens of the cached prompt.
+    #[arg(long, default_value_t = 8192)]
+    pub prompt_tokens: usize,
+    /// Lookup: calls measured.
+    #[arg(long, default_value_t = 20_000)]
+    pub lookups: usize,
+    /// Mixed: concurrent clients.
+    #[arg(long, default_value_t = 64)]
+    pub mixed_clients: usize,
+    /// Mixed: seconds.
+    #[arg(long, default_value_t = 60.0)]
+    pub mixed_seconds: f64,
+    /// Directory for the servers' data (disk tier, socket).
+    #[arg(long, default_value = ".")]
+    pub dir: PathBuf,
+    /// Worker threads of the runtime the server and the clients share.
+    #[arg(long, default_value_t = 2)]
+    pub worker_threads: usize,
+    /// Write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Results {
+    lookup: Option<LookupResult>,
+    load: Vec<LoadResult>,
+    mixed: Option<MixedResult>,
+}
+
+#[derive(Debug, Serialize)]
+struct LookupResult {
+    prompt_tokens: usize,
+    /// An empty call (Health): the transport's own round trip, measured
+    /// in the same run as the floor the lookup is compared with.
+    health: Percentiles,
+    lookup: Percentiles,
+    lookup_with_lease: Percentiles,
+}
+
+#[derive(Debug, Serialize)]
+struct LoadResult {
+    block_bytes: usize,
+    clients: usize,
+    memcpy_gbps: f64,
+    shm_gbps: f64,
+    grpc_unix_gbps: f64,
+    grpc_tcp_gbps: f64,
+    redis_gbps: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct MixedResult {
+    clients: usize,
+    seconds: f64,
+    calls: u64,
+    errors: u64,
+    calls_per_s: f64,
+    lookup: Percentiles,
+    load: Percentiles,
+    store: Percentiles,
+    peak_rss_bytes: u64,
+    cap_bytes: u64,
+}
+
+fn parse_size(s: &str) -> Result<usize> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        _ => (s, 1),
+    };
+    Ok(num
+        .parse::<usize>()
+        .with_context(|| format!("size {s:?}"))?
+        * mult)
+}
+
+/// A server in this process with one block size and shared memory.
+async fn start_server(
+    dir: &std::path::Path,
+    page_size: usize,
+    block_bytes: usize,
+    host_bytes: usize,
+) -> Result<Server> {
+    let mut config = ServerConfig {
+        listen: Some("127.0.0.1:0".parse()?),
+        metrics_listen: None,
+        data_dir: dir.to_path_buf(),
+        page_size,
+        block_bytes,
+        host_bytes,
+        disk_bytes: 0,
+        ..ServerConfig::default()
+    };
+    config.limits.max_message_bytes = (block_bytes + (1 << 20)).max(64 << 20);
+    let shm_dir = if std::path::Path::new("/dev/shm").is_dir() {
+        PathBuf::from("/dev/shm")
+    } else {
+        dir.to_path_buf()
+    };
+    config.shm_path = Some(shm_dir.join(format!(
+        "radixkv-bench-{}-{block_bytes}",
+        std::process::id()
+    )));
+    Server::start(config).await
+}
+
+pub fn run(args: &SidecarArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.worker_threads)
+        .enable_all()
+        .build()?;
+    let mut results = Results::default();
+    let parts = |p: Part| args.only.is_none_or(|o| o == p);
+    if parts(Part::Lookup) {
+        let dir = tempfile::tempdir_in(&args.dir)?;
+        let (ps, bb) = (16, 4096);
+        let pages = args.prompt_tokens / ps;
+        results.lookup = Some(runtime.block_on(async {
+            let server = start_server(dir.path(), ps, bb, (pages + 64) * bb).await?;
+            let unix = format!("unix:{}", server.unix.as_ref().unwrap().display());
+            let r = lookup_latency(args, &unix, ps, bb).await;
+            server.shutdown().await?;
+            r
+        })?);
+    }
+    if parts(Part::Load) {
+        let redis = if args.no_redis {
+            None
+        } else {
+            Some(RedisServer::start()?)
+        };
+        for size in args.block_sizes.split(',') {
+            let bb = parse_size(size)?;
+            results
+                .load
+                .push(runtime.block_on(load_throughput(args, bb, redis.as_ref()))?);
+        }
+    }
+    if parts(Part::Mixed) {
+        results.mixed = Some(runtime.block_on(mixed(args))?);
+    }
+    print!("{}", table(&results));
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&results)?)?;
+    }
+    Ok(())
+}
+
+async fn lookup_latency(
+    args: &SidecarArgs,
+    target: &str,
+    ps: usize,
+    bb: usize,
+) -> Result<LookupResult> {
+    let pages = args.prompt_tokens / ps;
+    let client = Client::connect(target, None).await?;
+    let scope = Scope::model("bench");
+    let tokens: Vec<u32> = (0..args.prompt_tokens as u32).collect();
+    let data = Bytes::from(vec![7u8; pages * bb]);
+    client.store(&scope, &tokens, 0, data, bb).await?;
+    let mut plain = Vec::with_capacity(args.lookups);
+    let mut leased = Vec::with_capacity(args.lookups / 4);
+    let mut health = Vec::with_capacity(args.lookups / 4);
+    for i in 0..args.lookups + 1000 {
+        let t = Instant::now();
+        let hit = client.lookup(&scope, &tokens, None, false).await?;
+        let took = t.elapsed().as_nanos() as u64;
+        ensure!(hit.pages == pages, "the prompt is cached");
+        if i >= 1000 {
+            plain.push(took);
+        }
+        if i % 4 == 1 {
+            let t = Instant::now();
+            client.health().await?;
+            health.push(t.elapsed().as_nanos() as u64);
+        }
+        if i % 4 == 0 {
+            let t = Instant::now();
+            let hit = client.lookup(&scope, &tokens, Some(5_000), false).await?;
+            client.release(hit.lease.unwrap()).await?;
+            leased.push(t.elapsed().as_nanos() as u64);
+        }
+    }
+    Ok(LookupResult {
+        prompt_tokens: args.prompt_tokens,
+        health: Percentiles::of(health),
+        lookup: Percentiles::of(plain),
+        lookup_with_lease: Percentiles::of(leased),
+    })
+}
+
+/// Bytes per second of `threads` threads each running `work` (which
+/// returns bytes copied per call) for `seconds`.
+fn rate_threads<F>(threads: usize, seconds: f64, work: F) -> f64
+where
+    F: Fn(usize) -> usize + Send + Sync,
+{
+    let stop = AtomicBool::new(false);
+    let total = AtomicU64::new(0);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let (stop, total, work) = (&stop, &total, &work);
+            s.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    total.fetch_add(work(t) as u64, Ordering::Relaxed);
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_secs_f64(seconds));
+        stop.store(true, Ordering::Relaxed);
+    });
+    total.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn load_throughput(
+    args: &SidecarArgs,
+    bb: usize,
+    redis: Option<&RedisServer>,
+) -> Result<LoadResult> {
+    let dir = tempfile::tempdir_in(&args.dir)?;
+    let ps = 16;
+    let pages = (args.load_bytes / bb).max(4);
+    let server = start_server(dir.path(), ps, bb, (pages + 8) * bb).await?;
+    let unix = format!("unix:{}", server.unix.as_ref().unwrap().display());
+    let tcp = server.tcp.unwrap().to_string();
+    let client = Client::connect(&unix, None).await?;
+    let scope = Scope::model("bench");
+    let tokens: Vec<u32> = (0..(pages * ps) as u32).collect();
+    let blocks: Vec<u8> = (0..pages * bb).map(|i| (i * 31 % 251) as u8).collect();
+    let blocks = Bytes::from(blocks);
+    // Store in parts that fit one message each.
+    let step = (32 << 20) / bb;
+    for first in (0..pages).step_by(step.max(1)) {
+        let end = (first + step).min(pages);
+        client
+            .store(
+                &scope,
+                &tokens[..end * ps],
+                first,
+                blocks.slice(first * bb..end * bb),
+                bb,
+            )
+            .await?;
+    }
+    let secs = args.seconds;
+    let threads = args.clients;
+
+    // memcpy: the same bytes, from a private buffer to another.
+    let memcpy = {
+        let src = blocks.clone();
+        rate_threads(threads, secs, move |_| {
+            let mut dst = vec![0u8; bb];
+            let mut n = 0;
+            for p in 0..pages {
+                dst.copy_from_slice(&src[p * bb..(p + 1) * bb]);
+                n += bb;
+            }
+            std::hint::black_box(&dst);
+            n
+        })
+    };
+
+    // Shared memory: LoadShm offsets under a lease, then copy from the mapping.
+    let info = client.info(&scope).await?;
+    let shm = Arc::new(SharedTier::open(&info)?);
+    let shm_rate = {
+        let mut leases = Vec::new();
+        for _ in 0..threads {
+            let hit = client.lookup(&scope, &tokens, Some(600_000), false).await?;
+            ensure!(
+                hit.pages == pages,
+                "all pages cached ({} of {pages})",
+                hit.pages
+            );
+            leases.push(hit.lease.unwrap());
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let total = Arc::new(AtomicU64::new(0));
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for lease in leases.iter().copied() {
+            let (client, shm, stop, total) =
+                (client.clone(), shm.clone(), stop.clone(), total.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut dst = vec![0u8; bb];
+                while !stop.load(Ordering::Relaxed) {
+                    let offsets = client.load_shm(lease, 0, 0).await?;
+                    let shm = shm.clone();
+                    let mut d = std::mem::take(&mut dst);
+                    let n = tokio::task::spawn_blocking(move || {
+                        for &o in &offsets {
+                            d.copy_from_slice(shm.block(o).expect("a slot"));
+                        }
+                        (offsets.len() * bb, d)
+                    })
+                    .await?;
+                    dst = n.1;
+                    total.fetch_add(n.0 as u64, Ordering::Relaxed);
+                }
+                anyhow::Ok(())
+            }));
+        }
+        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+        stop.store(true, Ordering::Relaxed);
+        for t in tasks {
+            t.await??;
+        }
+        for l in leases {
+            client.release(l).await?;
+        }
+        total.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+    };
+
+    let grpc_unix = grpc_rate(&unix, &scope, &tokens, pages, bb, threads, secs).await?;
+    let grpc_tcp = grpc_rate(&tcp, &scope, &tokens, pages, bb, threads, secs).await?;
+    server.shutdown().await?;
+
+    let redis_rate = match redis {
+        None => None,
+        Some(r) => {
+            let mut c = r.connection()?;
+            let _: () = redis::cmd("FLUSHALL").query(&mut c)?;
+            for p in 0..pages {
+                let _: () = redis::cmd("SET")
+                    .arg(format!("block:{bb}:{p}"))
+                    .arg(&blocks[p * bb..(p + 1) * bb])
+                    .query(&mut c)?;
+            }
+            let conns: Vec<parking_lot::Mutex<redis::Connection>> = (0..threads)
+                .map(|_| r.connection().map(parking_lot::Mutex::new))
+                .collect::<Result<_>>()?;
+            let rate = rate_threads(threads, secs, |t| {
+                let mut conn = conns[t].lock();
+                let mut dst = vec![0u8; bb];
+                let mut n = 0;
+                for p in 0..pages {
+                    let v: Vec<u8> = redis::cmd("GET")
+                        .arg(format!("block:{bb}:{p}"))
+                        .query(&mut *conn)
+                        .expect("redis GET");
+                    dst.copy_from_slice(&v);
+                    n += v.len();
+                }
+                n
+            });
+            let _: () = redis::cmd("FLUSHALL").query(&mut c)?;
+            Some(rate)
+        }
+    };
+    Ok(LoadResult {
+        block_bytes: bb,
+        clients: threads,
+        memcpy_gbps: memcpy / 1e9,
+        shm_gbps: shm_rate / 1e9,
+        grpc_unix_gbps: grpc_unix / 1e9,
+        grpc_tcp_gbps: grpc_tcp / 1e9,
+        redis_gbps: redis_rate.map(|r| r / 1e9),
+    })
+}
+
+/// Bytes per second that `threads` clients (one connection each) copy
+/// out of Load streams over the whole cached range.
+async fn grpc_rate(
+    target: &str,
+    scope: &Scope,
+    tokens: &[u32],
+    pages: usize,
+    bb: usize,
+    threads: usize,
+    secs: f64,
+) -> Result<f64> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let total = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    let start = Instant::now();
+    for _ in 0..threads {
+        let client = Client::connect(target, None).await?;
+        let hit = client.lookup(scope, tokens, Some(600_000), false).await?;
+        ensure!(hit.pages == pages, "all pages cached");
+        let lease = hit.lease.unwrap();
+        let (stop, total) = (stop.clone(), total.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut dst = vec![0u8; bb];
+            while !stop.load(Ordering::Relaxed) {
+                let n = client
+                    .load_each(lease, 0, 0, |_, data| dst.copy_from_slice(data))
+                    .await?;
+                total.fetch_add((n * bb) as u64, Ordering::Relaxed);
+            }
+            client.release(lease).await?;
+            anyhow::Ok(())
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await??;
+    }
+    Ok(total.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
+}
+
+/// The resident set size of this process, in bytes.
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+async fn mixed(args: &SidecarArgs) -> Result<MixedResult> {
+    let dir = tempfile::tempdir_in(&args.dir)?;
+    let (ps, bb) = (16, 64 << 10);
+    let host_bytes = 256 << 20;
+    let server = start_server(dir.path(), ps, bb, host_bytes).await?;
+    let unix = format!("unix:{}", server.unix.as_ref().unwrap().display());
+    let scope = Scope::model("bench");
+    // A shared system prompt of 64 pages, and per-client suffixes.
+    let system: Vec<u32> = (0..64 * ps as u32).collect();
+    let setup = Client::connect(&unix, None).await?;
+    setup
+        .store(&scope, &system, 0, Bytes::from(vec![1u8; 64 * bb]), bb)
+        .await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicU64::new(0));
+    let calls = Arc::new(AtomicU64::new(0));
+    let peak = Arc::new(AtomicU64::new(rss_bytes()));
+    let mut tasks = Vec::new();
+    for c in 0..args.mixed_clients {
+        let client = Client::connect(&unix, None).await?;
+        let (stop, errors, calls, scope, system) = (
+            stop.clone(),
+            errors.clone(),
+            calls.clone(),
+            scope.clone(),
+            system.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut lat: [Vec<u64>; 3] = Default::default();
+            let mut round = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                round += 1;
+                // This client's next turn: the system prompt, then 4 pages of its own.
+                let mut tokens = system.clone();
+                tokens.extend(
+                    (0..4 * ps as u32).map(|i| 1_000_000 + c as u32 * 100_000 + round * 100 + i),
+                );
+                let t = Instant::now();
+                let hit = client.lookup(&scope, &tokens, Some(10_000), false).await;
+                lat[0].push(t.elapsed().as_nanos() as u64);
+                calls.fetch_add(1, Ordering::Relaxed);
+                let Ok(hit) = hit else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                if let Some(lease) = hit.lease {
+                    let t = Instant::now();
+                    let first = hit.pages.saturating_sub(8);
+                    let r = client.load_each(lease, first, hit.pages - first, |_, d| {
+                        std::hint::black_box(d);
+                    });
+                    if r.await.is_err() {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    lat[1].push(t.elapsed().as_nanos() as u64);
+                    if client.release(lease).await.is_err() {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    calls.fetch_add(2, Ordering::Relaxed);
+                }
+                let pages = tokens.len() / ps;
+                if hit.pages < pages {
+                    let t = Instant::now();
+                    let data = Bytes::from(vec![round as u8; (pages - hit.pages) * bb]);
+                    if client
+                        .store(&scope, &tokens, hit.pages, data, bb)
+                        .await
+                        .is_err()
+                    {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    lat[2].push(t.elapsed().as_nanos() as u64);
+                    calls.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            lat
+        }));
+    }
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(args.mixed_seconds);
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        peak.fetch_max(rss_bytes(), Ordering::Relaxed);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut all: [Vec<u64>; 3] = Default::default();
+    for t in tasks {
+        let lat = t.await?;
+        for (a, l) in all.iter_mut().zip(lat) {
+            a.extend(l);
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    server.shutdown().await?;
+    let [lookup, load, store] = all;
+    let calls = calls.load(Ordering::Relaxed);
+    Ok(MixedResult {
+        clients: args.mixed_clients,
+        seconds,
+        calls,
+        errors: errors.load(Ordering::Relaxed),
+        calls_per_s: calls as f64 / seconds,
+        lookup: Percentiles::of(lookup),
+        load: Percentiles::of(load),
+        store: Percentiles::of(store),
+        peak_rss_bytes: peak.load(Ordering::Relaxed),
+        cap_bytes: host_bytes as u64,
+    })
+}
+
+fn table(r: &Results) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    if let Some(l) = &r.lookup {
+        let _ = writeln!(
+            out,
+            "lookup of a cached {}-token prompt over the Unix socket (target p50 <= 100 us)",
+            l.prompt_tokens
+        );
+        let _ = writeln!(
+            out,
+            "  {:<18} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "call", "p50 us", "p90 us", "p99 us", "p999 us", "max us"
+        );
+        for (name, p) in [
+            ("health (floor)", &l.health),
+            ("lookup", &l.lookup),
+            ("lookup+lease+rel", &l.lookup_with_lease),
+        ] {
+            let _ = writeln!(
+                out,
+                "  {name:<18} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
+                p.p50_us, p.p90_us, p.p99_us, p.p999_us, p.max_us
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  lookup p50 {}; {:.1}x the empty call's",
+            if l.lookup.p50_us <= 100.0 {
+                "meets the target"
+            } else {
+                "MISSES the target"
+            },
+            l.lookup.p50_us / l.health.p50_us
+        );
+    }
+    if !r.load.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nload throughput, GB/s copied into the client's buffer ({} clients)",
+            r.load[0].clients
+        );
+        let _ = writeln!(
+            out,
+            "  {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>10} {:>10} {:>11}",
+            "block",
+            "memcpy",
+            "shm",
+            "grpc-uds",
+            "grpc-tcp",
+            "redis",
+            "shm/memcpy",
+            "shm/redis",
+            "grpc/redis"
+        );
+        for l in &r.load {
+            let redis = l.redis_gbps.unwrap_or(f64::NAN);
+            let _ = writeln!(
+                out,
+                "  {:>7}K {:>8.2} {:>8.2} {:>9.2} {:>9.2} {:>8.2} {:>10.2} {:>10.2} {:>11.2}",
+                l.block_bytes >> 10,
+                l.memcpy_gbps,
+                l.shm_gbps,
+                l.grpc_unix_gbps,
+                l.grpc_tcp_gbps,
+                redis,
+                l.shm_gbps / l.memcpy_gbps,
+                l.shm_gbps / redis,
+                l.grpc_unix_gbps.max(l.grpc_tcp_gbps) / redis
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  targets: shm/memcpy >= 0.70, shm/redis >= 2, grpc/redis >= 1"
+        );
+    }
+    if let Some(m) = &r.mixed {
+        let _ = writeln!(
+            out,
+            "\nmixed load: {} clients for {:.0} s: {} calls ({:.0}/s), {} errors; peak RSS {:.0} MiB (host tier {:.0} MiB)",
+            m.clients,
+            m.seconds,
+            m.calls,
+            m.calls_per_s,
+            m.errors,
+            m.peak_rss_bytes as f64 / (1 << 20) as f64,
+            m.cap_bytes as f64 / (1 << 20) as f64
+        );
+        for (name, p) in [
+            ("lookup", &m.lookup),
+            ("load", &m.load),
+            ("store", &m.store),
+        ] {
+            let _ = writeln!(
+                out,
+                "  {name:<8} p50 {:>8.1} us  p90 {:>8.1}  p99 {:>8.1}  p999 {:>8.1}  ({} calls)",
+                p.p50_us, p.p90_us, p.p99_us, p.p999_us, p.samples
+            );
+        }
+    }
+    out
+}

@@ -1,0 +1,326 @@
+//! The llama forward pass over a batch of sequence chunks: RMSNorm, RoPE,
+//! grouped-query attention over each sequence's pages, SwiGLU.
+//!
+//! The rows of all chunks go through the matrix multiplies together; each
+//! row's attention reads its own sequence's pages (cached blocks in place,
+//! and the pages the sequence computed). Every computation here is
+//! row-local and in a fixed order (see [`matmul`](crate::matmul) on batch
+//! invariance), so a token's results never depend on the batch around it
+//! or on whether its prefix came from the cache.
+
+use crate::kv::{KvLayout, PrivatePages};
+use crate::matmul::matmul;
+use crate::model::{Model, MAX_GROUP};
+use rayon::prelude::*;
+
+/// One sequence's part of a forward batch.
+#[derive(Debug)]
+pub(crate) struct Chunk<'a> {
+    /// The tokens to run, at positions `start..start + tokens.len()`.
+    pub tokens: &'a [u32],
+    pub start: usize,
+    /// Positions whose KV is already in the pages (cached, or computed in
+    /// an earlier step): rows below it are recomputed for their logits
+    /// only and do not write KV.
+    pub kv_len: usize,
+    /// The cached pages, `0..cached.len()`, read in place.
+    pub cached: &'a [&'a [f32]],
+    /// Pages from `cached.len()` on.
+    pub private: &'a mut PrivatePages,
+    /// Whether to return the logits of the last token.
+    pub logits: bool,
+}
+
+/// Rows below which a per-row loop is not worth splitting across threads.
+const PAR_ROWS: usize = 8;
+
+/// Runs the chunks; returns, per chunk, the logits of its last token if asked.
+pub(crate) fn forward(
+    model: &Model,
+    layout: &KvLayout,
+    chunks: &mut [Chunk<'_>],
+) -> Vec<Option<Vec<f32>>> {
+    let c = &model.config;
+    let (h, hd, ps) = (c.hidden, c.head_dim, layout.page_size);
+    let q_dim = c.heads * hd;
+    let kv_dim = c.kv_heads * hd;
+    let qkv_dim = q_dim + 2 * kv_dim;
+    let rows: Vec<(usize, usize)> = chunks
+        .iter()
+        .enumerate()
+        .flat_map(|(i, ch)| (0..ch.tokens.len()).map(move |r| (i, ch.start + r)))
+        .collect();
+    let m = rows.len();
+    for ch in chunks.iter_mut() {
+        debug_assert!(ch.start <= ch.kv_len, "a gap before the chunk");
+        debug_assert_eq!(ch.private.first_page(), ch.cached.len());
+        let end = ch.start + ch.tokens.len();
+        if end > ch.kv_len {
+            ch.private.ensure((end - 1) / ps);
+        }
+    }
+
+    let mut x = vec![0.0f32; m * h];
+    let tokens = chunks.iter().flat_map(|ch| ch.tokens.iter());
+    for (row, &t) in x.chunks_exact_mut(h).zip(tokens) {
+        model.embed.row(t as usize, row);
+    }
+    let mut hbuf = vec![0.0f32; m * h];
+    let mut qkv = vec![0.0f32; m * qkv_dim];
+    let mut att = vec![0.0f32; m * q_dim];
+    let mut proj = vec![0.0f32; m * h];
+    let mut gu = vec![0.0f32; m * 2 * c.ffn];
+    let mut act = vec![0.0f32; m * c.ffn];
+    let scale = 1.0 / (hd as f32).sqrt();
+
+    for (li, layer) in model.layers.iter().enumerate() {
+        rms_norm(&x, &layer.attn_norm, c.rms_eps, &mut hbuf);
+        matmul(&hbuf, m, &layer.qkv, &mut qkv);
+        qkv.par_chunks_mut(qkv_dim)
+            .with_min_len(PAR_ROWS)
+            .zip(&rows)
+            .for_each(|(r, &(_, pos))| {
+                let (q, rest) = r.split_at_mut(q_dim);
+                model.rope.apply(q, pos);
+                model.rope.apply(&mut rest[..kv_dim], pos);
+                // Scaling by 1/√head_dim (a power of two here) is exact.
+                q.iter_mut().for_each(|v| *v *= scale);
+            });
+        // New K and V into the sequences' own pages.
+        let mut row0 = 0;
+        for ch in chunks.iter_mut() {
+            for r in 0..ch.tokens.len() {
+                let pos = ch.start + r;
+                if pos < ch.kv_len {
+                    continue;
+                }
+                let kvrow = &qkv[(row0 + r) * qkv_dim + q_dim..][..2 * kv_dim];
+                let (page, slot) = (pos / ps, pos % ps);
+                let block = ch.private.page_mut(page);
+                for head in 0..c.kv_heads {
+                    let k = &kvrow[head * hd..][..hd];
+                    let kt = &mut block[layout.k_offset(li, head)..][..hd * ps];
+                    for (d, &v) in k.iter().enumerate() {
+                        kt[d * ps + slot] = v;
+                    }
+                    let v = &kvrow[kv_dim + head * hd..][..hd];
+                    block[layout.v_offset(li, head) + slot * hd..][..hd].copy_from_slice(v);
+                }
+            }
+            row0 += ch.tokens.len();
+        }
+        // Attention, row by row, each over its own sequence's pages.
+        let mut row0 = 0;
+        for ch in chunks.iter() {
+            let n = ch.tokens.len();
+            let last = ch.start + n - 1;
+            let pages: Vec<&[f32]> = (0..=last / ps)
+                .map(|p| {
+                    if p < ch.cached.len() {
+                        ch.cached[p]
+                    } else {
+                        ch.private.page(p)
+                    }
+                })
+                .collect();
+            let geom = AttnGeom {
+                layout,
+                layer: li,
+                heads: c.heads,
+                kv_heads: c.kv_heads,
+                head_dim: hd,
+            };
+            att[row0 * q_dim..(row0 + n) * q_dim]
+                .par_chunks_mut(q_dim)
+                .with_min_len(1)
+                .zip(qkv[row0 * qkv_dim..(row0 + n) * qkv_dim].par_chunks(qkv_dim))
+                .enumerate()
+                .for_each(|(r, (out, q))| {
+                    attend_entry(&geom, &pages, &q[..q_dim], ch.start + r, out)
+                });
+            row0 += n;
+        }
+        matmul(&att, m, &layer.out, &mut proj);
+        add(&mut x, &proj);
+        rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut hbuf);
+        matmul(&hbuf, m, &layer.gate_up, &mut gu);
+        act.par_chunks_mut(c.ffn)
+            .with_min_len(PAR_ROWS)
+            .zip(gu.par_chunks(2 * c.ffn))
+            .for_each(|(a, g)| {
+                let (gate, up) = g.split_at(c.ffn);
+                for ((a, &g), &u) in a.iter_mut().zip(gate).zip(up) {
+                    *a = g / (1.0 + (-g).exp()) * u;
+                }
+            });
+        matmul(&act, m, &layer.down, &mut proj);
+        add(&mut x, &proj);
+    }
+
+    // Logits of the last row of each chunk that asks.
+    let mut wanted = Vec::new();
+    let mut row0 = 0;
+    for ch in chunks.iter() {
+        row0 += ch.tokens.len();
+        if ch.logits {
+            wanted.push(row0 - 1);
+        }
+    }
+    let mut last = vec![0.0f32; wanted.len() * h];
+    for (dst, &r) in last.chunks_exact_mut(h).zip(&wanted) {
+        dst.copy_from_slice(&x[r * h..][..h]);
+    }
+    let mut normed = vec![0.0f32; last.len()];
+    rms_norm(&last, &model.output_norm, c.rms_eps, &mut normed);
+    let mut logits = vec![0.0f32; wanted.len() * c.vocab];
+    matmul(&normed, wanted.len(), &model.embed, &mut logits);
+    let mut rows = logits.chunks_exact(c.vocab);
+    chunks
+        .iter()
+        .map(|ch| {
+            ch.logits
+                .then(|| rows.next().expect("one row per chunk").to_vec())
+        })
+        .collect()
+}
+
+/// `y = x / rms(x) × w`, row by row, as ggml computes it (sum of squares
+/// in f64, then two multiplies).
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
+    let h = w.len();
+    y.par_chunks_mut(h)
+        .with_min_len(PAR_ROWS)
+        .zip(x.par_chunks(h))
+        .for_each(|(y, x)| {
+            let sum: f64 = x.iter().map(|&v| f64::from(v * v)).sum();
+            let mean = (sum / h as f64) as f32;
+            let s = 1.0 / (mean + eps).sqrt();
+            for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                *y = (x * s) * w;
+            }
+        });
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, &b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// What the attention of one row needs to find its heads in a block.
+struct AttnGeom<'a> {
+    layout: &'a KvLayout,
+    layer: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+/// [`attend`], with AVX2 and FMA where the CPU has them (same results; see
+/// `simd`).
+fn attend_entry(g: &AttnGeom<'_>, pages: &[&[f32]], q: &[f32], pos: usize, out: &mut [f32]) {
+    macro_rules! by_page_size {
+        ($f:ident) => {
+            match g.layout.page_size {
+                16 => $f::<16>(g, pages, q, pos, out),
+                32 => $f::<32>(g, pages, q, pos, out),
+                8 => $f::<8>(g, pages, q, pos, out),
+                64 => $f::<64>(g, pages, q, pos, out),
+                ps => unreachable!("page size {ps} is checked at engine start"),
+            }
+        };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::avx2_fma() {
+        #[target_feature(enable = "avx2,fma")]
+        fn fast<const PS: usize>(
+            g: &AttnGeom<'_>,
+            pages: &[&[f32]],
+            q: &[f32],
+            pos: usize,
+            out: &mut [f32],
+        ) {
+            attend::<PS>(g, pages, q, pos, out)
+        }
+        // SAFETY: `fast` needs AVX2 and FMA, which `avx2_fma` confirmed.
+        unsafe { by_page_size!(fast) };
+        return;
+    }
+    by_page_size!(attend)
+}
+
+/// Page sizes the attention kernel is built for.
+pub(crate) const PAGE_SIZES: [usize; 4] = [8, 16, 32, 64];
+
+/// One row's attention: its query heads (pre-scaled, after RoPE) against
+/// the keys at positions `0..=pos`, page by page with an online softmax.
+/// The query heads sharing a KV head go together, so each page is read
+/// once per KV head. The order of every sum is fixed by `pos` alone.
+#[inline(always)]
+fn attend<const PS: usize>(
+    g: &AttnGeom<'_>,
+    pages: &[&[f32]],
+    q: &[f32],
+    pos: usize,
+    out: &mut [f32],
+) {
+    let hd = g.head_dim;
+    let group = g.heads / g.kv_heads;
+    let mut acc = vec![0.0f32; group * hd];
+    for kvh in 0..g.kv_heads {
+        let qs = &q[kvh * group * hd..][..group * hd];
+        let mut max = [f32::NEG_INFINITY; MAX_GROUP];
+        let mut sum = [0.0f32; MAX_GROUP];
+        acc.iter_mut().for_each(|a| *a = 0.0);
+        for (p, block) in pages.iter().enumerate().take(pos / PS + 1) {
+            let valid = (pos + 1 - p * PS).min(PS);
+            let kt = &block[g.layout.k_offset(g.layer, kvh)..][..hd * PS];
+            let v = &block[g.layout.v_offset(g.layer, kvh)..][..hd * PS];
+            // Scores: an outer product over dimensions, keys in lanes.
+            let mut s = [[0.0f32; PS]; MAX_GROUP];
+            for (d, krow) in kt.chunks_exact(PS).enumerate() {
+                let krow: &[f32; PS] = krow.try_into().expect("a K row");
+                for (gi, sg) in s.iter_mut().enumerate().take(group) {
+                    let qd = qs[gi * hd + d];
+                    for t in 0..PS {
+                        sg[t] = qd.mul_add(krow[t], sg[t]);
+                    }
+                }
+            }
+            // Online softmax: rescale what came before to the new max.
+            for gi in 0..group {
+                let page_max = s[gi][..valid]
+                    .iter()
+                    .copied()
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let new_max = max[gi].max(page_max);
+                let corr = (max[gi] - new_max).exp();
+                if corr != 1.0 {
+                    sum[gi] *= corr;
+                    acc[gi * hd..][..hd].iter_mut().for_each(|a| *a *= corr);
+                }
+                max[gi] = new_max;
+                for st in &mut s[gi][..valid] {
+                    *st = (*st - new_max).exp();
+                    sum[gi] += *st;
+                }
+            }
+            // Weighted values, along dimensions.
+            // (Head by head, so one head's sums stay in registers over the page.)
+            for (gi, sg) in s.iter().enumerate().take(group) {
+                let a = &mut acc[gi * hd..][..hd];
+                for (&pt, vrow) in sg[..valid].iter().zip(v.chunks_exact(hd)) {
+                    for (a, &vv) in a.iter_mut().zip(vrow) {
+                        *a = pt.mul_add(vv, *a);
+                    }
+                }
+            }
+        }
+        for gi in 0..group {
+            let o = &mut out[(kvh * group + gi) * hd..][..hd];
+            for (o, &a) in o.iter_mut().zip(&acc[gi * hd..][..hd]) {
+                *o = a / sum[gi];
+            }
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! radixkv's attached decode engine: a real small model (SmolLM2-135M, a
+//! llama-family GGUF) running on CPU, whose KV lives in pages that the
+//! radixkv cache indexes, so that a prompt's cached prefix is read, not
+//! recomputed.
+//!
+//! - [`Model`] reads the GGUF (candle's reader), dequantizes the weights
+//!   to F32 once and runs the llama forward written here (RMSNorm, RoPE,
+//!   grouped-query attention, SwiGLU) with a batch-invariant matmul.
+//! - [`Tokenizer`] is the model's byte-level BPE, built from the GGUF.
+//! - [`Engine`] looks each prompt up in the [`Cache`](cache_server::Cache),
+//!   leases the cached pages and reads them in place through the
+//!   sequence's block table, computes only the uncached suffix, and stores
+//!   every new whole page (prompt and output) for the next turn.
+//!
+//! ```no_run
+//! use engine::{Engine, EngineConfig, GenerateOptions};
+//! let engine = Engine::load(EngineConfig::builder().build()?)?;
+//! let prompt = engine.tokenizer().encode("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")?;
+//! let out = engine.generate(&prompt, &GenerateOptions::new(32))?;
+//! println!("{} ({} prompt tokens cached)", engine.tokenizer().decode(&out.tokens)?, out.cached_tokens);
+//! # Ok::<(), engine::EngineError>(())
+//! ```
+//!
+//! What the engine must never do:
+//! - change its output because of the cache: greedy output with a cached
+//!   prefix is token for token the output without it (the kernels give
+//!   every token the same arithmetic whatever batch it is computed in);
+//! - write into a block it borrowed from the cache, or read a cached page
+//!   without holding a lease on it;
+//! - fail a request because the cache failed: a failed lookup computes the
+//!   prompt cold, a failed store leaves the pages private;
+//! - load weights or data from anywhere but the local model file.
+
+mod engine;
+mod error;
+mod forward;
+mod gguf;
+mod kv;
+mod matmul;
+mod model;
+mod simd;
+mod tokenizer;
+
+pub use engine::{
+    Engine, EngineConfig, EngineConfigBuilder, EngineStats, FinishReason, GenerateOptions,
+    Generation, Sequence,
+};
+pub use error::{EngineError, Result};
+pub use gguf::{default_model_path, ModelConfig};
+pub use kv::KvLayout;
+pub use model::Model;
+pub use tokenizer::Tokenizer;

@@ -1,0 +1,53 @@
+//! Shared by the engine's integration tests: the model (or a skip), the
+//! reference vectors.
+
+// Each test binary uses a part of this module.
+#![allow(dead_code)]
+
+use engine::{default_model_path, Engine, EngineConfig};
+use serde_json::Value;
+use std::io::Write;
+use std::sync::OnceLock;
+
+/// The engine over the fetched model, shared by a test binary's tests;
+/// `None` (with a message) when the model is not fetched.
+pub fn engine() -> Option<&'static Engine> {
+    static ENGINE: OnceLock<Option<Engine>> = OnceLock::new();
+    ENGINE
+        .get_or_init(|| {
+            let path = default_model_path();
+            if !path.exists() {
+                // Straight to stderr, past the test harness's capture.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "SKIPPED: model not fetched; run scripts/fetch-model ({} is missing)",
+                    path.display()
+                );
+                return None;
+            }
+            let config = EngineConfig::builder()
+                .model_path(path)
+                .host_bytes(256 << 20)
+                .build()
+                .expect("config");
+            Some(Engine::load(config).expect("the model loads"))
+        })
+        .as_ref()
+}
+
+/// `data/engine/smollm2_vectors.json`.
+pub fn vectors() -> Value {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../data/engine/smollm2_vectors.json"
+    );
+    serde_json::from_str(&std::fs::read_to_string(path).expect("the vectors file")).expect("json")
+}
+
+pub fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("an array of ids")
+        .iter()
+        .map(|x| x.as_u64().expect("an id") as u32)
+        .collect()
+}
