@@ -3,14 +3,19 @@
 
 mod belady;
 mod capacity;
+mod chart;
 #[cfg(feature = "dynamo")]
 mod peer_dynamo;
 mod peer_redis;
+mod progress;
 mod replay;
 mod report;
 mod sidecar;
+mod svg;
+mod tiered;
 mod tiers;
 mod trace;
+mod workload;
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
@@ -30,10 +35,20 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Replay a Mooncake-format trace through the index: hit rate per
-    /// policy and capacity, beside the infinite-cache ceiling and the
-    /// offline optimum (Belady).
+    /// Replay a Mooncake-format trace, or a generated workload, through the
+    /// index: hit rate per policy and capacity, beside the infinite-cache
+    /// ceiling and the offline optimum (Belady).
     Replay(ReplayArgs),
+    /// Replay a trace or generated workload through the real cache with
+    /// device, host and disk tiers: hit tokens per tier, bytes moved per
+    /// direction, demotions and promotions, and the time a cost model says
+    /// was saved, per policy beside the infinite-cache ceiling and the
+    /// offline optimum (Belady).
+    Tiered(tiered::TieredArgs),
+    /// Generate a workload (multi-round chat, agentic tool loops,
+    /// long-document QA) and write it as a Mooncake-format trace, so that
+    /// runs are repeatable. Deterministic for a seed.
+    Gen(GenArgs),
     /// Benchmark the cache's tiers (host RAM and a disk directory): lookup
     /// latency percentiles over a cached 8k-token prompt, idle and while
     /// another thread's stores force continuous demotion host->disk
@@ -46,13 +61,30 @@ enum Command {
     /// GET of the same blocks (Redis is installed and started on loopback);
     /// and 64 concurrent clients mixing lookups, loads and stores.
     Sidecar(sidecar::SidecarArgs),
+    /// Draw a chart (SVG) from an earlier run's JSON: the latency CDF of
+    /// each call of `bench sidecar --json`.
+    Chart(chart::ChartArgs),
 }
 
 #[derive(Debug, clap::Args)]
+struct GenArgs {
+    /// The workload to generate.
+    #[arg(value_enum)]
+    workload: workload::Kind,
+    /// Tokens per block of the trace's hash ids (Mooncake traces use 512).
+    #[arg(long, default_value_t = 512)]
+    block_tokens: u64,
+    /// The trace file to write (JSON lines).
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    params: workload::WorkloadArgs,
+}
+
+#[derive(Debug, clap::Args, serde::Serialize)]
 struct ReplayArgs {
-    /// Trace file: JSON lines {timestamp, input_length, output_length, hash_ids}.
-    #[arg(default_value = "data/traces/synthetic_trace.jsonl")]
-    trace: PathBuf,
+    #[command(flatten)]
+    source: workload::SourceArgs,
     /// Cache capacities in tokens, comma separated (SI suffixes: 1M = 10^6).
     #[arg(long, default_value = "1M,3M,10M")]
     capacity: String,
@@ -69,9 +101,13 @@ struct ReplayArgs {
     /// (hit rates are identical across repeats; timings on a shared machine are not).
     #[arg(long, default_value_t = 3)]
     repeat: usize,
-    /// Write the results as JSON to this file.
+    /// Write the results as JSON to this file (and, unless --svg says
+    /// otherwise, a chart next to it with the extension .svg).
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Write the hit-rate chart (SVG) to this file.
+    #[arg(long)]
+    svg: Option<PathBuf>,
     /// Also replay the trace through Dynamo's router index (needs the
     /// `dynamo` cargo feature).
     #[arg(long)]
@@ -82,8 +118,11 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Replay(args) => run_replay(args),
+        Command::Tiered(args) => tiered::run(&args),
+        Command::Gen(args) => run_gen(&args),
         Command::Tiers(args) => tiers::run(&args),
         Command::Sidecar(args) => sidecar::run(&args),
+        Command::Chart(args) => chart::run(&args),
     }
 }
 
@@ -117,11 +156,13 @@ fn run_replay(args: ReplayArgs) -> Result<()> {
     if args.belady && !choices.contains(&PolicyChoice::Belady) {
         choices.push(PolicyChoice::Belady);
     }
-    let trace = trace::Trace::load(&args.trace)?;
+    let run = report::RunInfo::collect(serde_json::to_value(&args)?);
+    let source = args.source.load(args.block_tokens)?;
+    let trace = &source.trace;
     let prep = replay::Prepared::new(trace.as_tokens()?);
     eprintln!(
-        "trace {}: {} requests, {} blocks, {} distinct",
-        args.trace.display(),
+        "{}: {} requests, {} blocks, {} distinct",
+        source.label,
         trace.requests.len(),
         trace.total_blocks(),
         trace.distinct_blocks()
@@ -156,25 +197,51 @@ fn run_replay(args: ReplayArgs) -> Result<()> {
     };
     let mut results = Vec::new();
     let total = caps.len() * choices.len();
+    let mut progress = progress::Progress::new();
     for cap in &caps {
         for choice in &choices {
-            eprint!(
-                "\r[{}/{}] {} at {}      ",
-                results.len() + 1,
-                total,
-                choice.name(),
-                cap.label
-            );
+            let k = results.len() + 1;
+            progress.show(|| format!("[{k}/{total}] {} at {}", choice.name(), cap.label));
             results.push((cap.clone(), best(choice, Some(cap.blocks))));
         }
     }
-    eprintln!();
-    let report = report::Report::new(&args.trace, args.block_tokens, ceiling, results, peer);
+    progress.clear();
+    let report = report::Report::new(
+        run,
+        &source.label,
+        source.workload,
+        args.block_tokens,
+        ceiling,
+        results,
+        peer,
+    );
     print!("{}", report.table());
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
-        eprintln!("wrote {}", path.display());
-    }
+    report::write_outputs(
+        &report,
+        &report.chart(),
+        args.json.as_deref(),
+        args.svg.as_deref(),
+    )
+}
+
+fn run_gen(args: &GenArgs) -> Result<()> {
+    let w = args.params.generate(args.workload, args.block_tokens)?;
+    workload::write_jsonl(&w.trace, &args.out)?;
+    let prep = replay::Prepared::new(w.trace.as_tokens()?);
+    let ceiling = replay::replay(&prep, &PolicyChoice::Online("lru".into()), None);
+    let tokens: u64 = w.trace.requests.iter().map(|r| r.input_length).sum();
+    println!(
+        "{} workload: {} requests, {} input tokens, {} blocks of {} tokens ({} distinct); infinite-cache hit rate {:.3}",
+        w.name,
+        w.trace.requests.len(),
+        tokens,
+        w.trace.total_blocks(),
+        w.block_tokens,
+        w.trace.distinct_blocks(),
+        ceiling.hit_rate
+    );
+    println!("parameters: {}", w.params);
+    eprintln!("wrote {}", args.out.display());
     Ok(())
 }
 

@@ -1,10 +1,10 @@
-//! Replay results as a terminal table and as JSON.
+//! Results as a terminal table, JSON (with the run's commit, configuration
+//! and machine) and an SVG chart.
 
 use crate::capacity::Capacity;
 use crate::replay::ReplayResult;
 use serde::Serialize;
 use std::fmt::Write;
-use std::path::Path;
 
 /// A peer index's replay of the same trace (unbounded), for speed.
 #[derive(Debug, Clone, Serialize)]
@@ -25,11 +25,132 @@ pub struct CapacityRow {
     pub results: Vec<ReplayResult>,
 }
 
+/// What a run was: the commit, the full configuration, the machine.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunInfo {
+    /// `git rev-parse HEAD` at run time, or "unknown".
+    pub commit: String,
+    /// Uncommitted changes in the working tree (unknown without git).
+    pub dirty: Option<bool>,
+    pub bench_version: &'static str,
+    /// Seconds since the Unix epoch when the run started.
+    pub started_unix_s: u64,
+    /// The command line as given.
+    pub argv: Vec<String>,
+    /// Every parameter, defaults included.
+    pub config: serde_json::Value,
+    pub machine: Machine,
+}
+
+/// The machine a run ran on.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    /// Cores this process may use.
+    pub cores: usize,
+    /// Processors listed in /proc/cpuinfo.
+    pub cpus: Option<usize>,
+    pub cpu_model: Option<String>,
+    /// MemTotal from /proc/meminfo.
+    pub memory_bytes: Option<u64>,
+    pub os: &'static str,
+    pub arch: &'static str,
+}
+
+fn git(args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new("git")
+        .args(args)
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+impl Machine {
+    pub fn detect() -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let field = |line: &str, name: &str| {
+            line.strip_prefix(name)
+                .and_then(|r| r.trim_start().strip_prefix(':'))
+                .map(|v| v.trim().to_string())
+        };
+        let cpus = cpuinfo
+            .lines()
+            .filter(|l| field(l, "processor").is_some())
+            .count();
+        let cpu_model = cpuinfo.lines().find_map(|l| field(l, "model name"));
+        let memory_bytes = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines().find_map(|l| {
+                    let kb = field(l, "MemTotal")?;
+                    kb.trim_end_matches("kB").trim().parse::<u64>().ok()
+                })
+            })
+            .map(|kb| kb * 1024);
+        Self {
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            cpus: (cpus > 0).then_some(cpus),
+            cpu_model,
+            memory_bytes,
+            os: std::env::consts::OS,
+            arch: std::env::consts::ARCH,
+        }
+    }
+}
+
+impl RunInfo {
+    /// The run's facts, with `config` (the parsed arguments) as given.
+    pub fn collect(config: serde_json::Value) -> Self {
+        let commit = git(&["rev-parse", "HEAD"]);
+        let dirty = commit
+            .as_ref()
+            .and_then(|_| git(&["status", "--porcelain", "--untracked-files=no"]))
+            .map(|s| !s.is_empty());
+        Self {
+            commit: commit.unwrap_or_else(|| "unknown".into()),
+            dirty,
+            bench_version: env!("CARGO_PKG_VERSION"),
+            started_unix_s: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            argv: std::env::args().collect(),
+            config,
+            machine: Machine::detect(),
+        }
+    }
+}
+
+/// Writes `report` as JSON to `json` and `chart` as SVG to `svg`, or next
+/// to the JSON file (extension `.svg`) when only `json` is given.
+pub fn write_outputs<T: Serialize>(
+    report: &T,
+    chart: &crate::svg::Chart,
+    json: Option<&std::path::Path>,
+    svg: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_string_pretty(report)?)?;
+        eprintln!("wrote {}", path.display());
+    }
+    let svg = svg
+        .map(std::path::Path::to_path_buf)
+        .or_else(|| json.map(|j| j.with_extension("svg")));
+    if let Some(path) = svg {
+        std::fs::write(&path, chart.render())?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
 #[derive(Debug, Serialize)]
 pub struct Report {
+    pub run: RunInfo,
     pub trace: String,
+    /// The generator's name and parameters, for a generated workload.
+    pub workload: Option<crate::workload::Workload>,
     pub block_tokens: u64,
-    pub cores: usize,
     /// The infinite cache: hit rate ceiling and unbounded replay speed.
     pub ceiling: ReplayResult,
     pub capacities: Vec<CapacityRow>,
@@ -38,7 +159,9 @@ pub struct Report {
 
 impl Report {
     pub fn new(
-        trace: &Path,
+        run: RunInfo,
+        trace: &str,
+        workload: Option<crate::workload::Workload>,
         block_tokens: u64,
         ceiling: ReplayResult,
         results: Vec<(Capacity, ReplayResult)>,
@@ -57,9 +180,10 @@ impl Report {
             }
         }
         Self {
-            trace: trace.display().to_string(),
+            run,
+            trace: trace.to_string(),
+            workload,
             block_tokens,
-            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             ceiling,
             capacities,
             peer,
@@ -72,6 +196,34 @@ impl Report {
             .iter()
             .find(|r| r.policy == "belady")
             .map(|r| r.hit_rate)
+    }
+
+    /// Hit rate against capacity, per policy, with the ceiling.
+    pub fn chart(&self) -> crate::svg::Chart {
+        let mut series = Vec::new();
+        for row in &self.capacities {
+            for r in &row.results {
+                let (name, bound) = if r.policy == "belady" {
+                    ("belady (bound)", true)
+                } else {
+                    (r.policy.as_str(), false)
+                };
+                crate::svg::push_point(
+                    &mut series,
+                    name,
+                    bound,
+                    row.capacity_tokens as f64,
+                    r.hit_rate,
+                );
+            }
+        }
+        crate::svg::Chart {
+            title: format!("Replay: {}", self.trace),
+            x_label: "capacity, tokens".into(),
+            y_label: "hit rate".into(),
+            series,
+            hlines: vec![("infinite cache".into(), self.ceiling.hit_rate)],
+        }
     }
 
     pub fn table(&self) -> String {

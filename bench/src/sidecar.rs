@@ -115,7 +115,16 @@ struct MixedResult {
     load: Percentiles,
     store: Percentiles,
     peak_rss_bytes: u64,
+    /// RSS after the first tenth of the run and at the end: flat memory
+    /// means these stay close once the host tier has filled.
+    rss_early_bytes: u64,
+    rss_end_bytes: u64,
     cap_bytes: u64,
+    /// Leases still held once every client finished (each released its
+    /// own): anything but zero is a leak.
+    leases_left: u64,
+    /// Host slots in use at the end beyond the pages the index holds.
+    slots_leaked: i64,
 }
 
 fn parse_size(s: &str) -> Result<usize> {
@@ -550,9 +559,26 @@ async fn mixed(args: &SidecarArgs) -> Result<MixedResult> {
     }
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(args.mixed_seconds);
+    let early_at = start + Duration::from_secs_f64(args.mixed_seconds / 10.0);
+    let mut rss_early = 0;
+    let mut last_report = Instant::now();
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        peak.fetch_max(rss_bytes(), Ordering::Relaxed);
+        let rss = rss_bytes();
+        peak.fetch_max(rss, Ordering::Relaxed);
+        if rss_early == 0 && Instant::now() >= early_at {
+            rss_early = rss;
+        }
+        if last_report.elapsed() >= Duration::from_secs(30) {
+            last_report = Instant::now();
+            eprintln!(
+                "mixed: {:.0} s, {} calls, {} errors, RSS {} MiB",
+                start.elapsed().as_secs_f64(),
+                calls.load(Ordering::Relaxed),
+                errors.load(Ordering::Relaxed),
+                rss >> 20
+            );
+        }
     }
     stop.store(true, Ordering::Relaxed);
     let mut all: [Vec<u64>; 3] = Default::default();
@@ -563,6 +589,13 @@ async fn mixed(args: &SidecarArgs) -> Result<MixedResult> {
         }
     }
     let seconds = start.elapsed().as_secs_f64();
+    let rss_end = rss_bytes();
+    let stats = setup.stats().await?;
+    let host_used = {
+        use tiers::BlockPool;
+        i64::from(server.cache().host_pool().used())
+    };
+    let slots_leaked = host_used - stats.tier_pages[radix_tree::Tier::Host.index()] as i64;
     server.shutdown().await?;
     let [lookup, load, store] = all;
     let calls = calls.load(Ordering::Relaxed);
@@ -576,7 +609,11 @@ async fn mixed(args: &SidecarArgs) -> Result<MixedResult> {
         load: Percentiles::of(load),
         store: Percentiles::of(store),
         peak_rss_bytes: peak.load(Ordering::Relaxed),
+        rss_early_bytes: rss_early,
+        rss_end_bytes: rss_end,
         cap_bytes: host_bytes as u64,
+        leases_left: stats.leases,
+        slots_leaked,
     })
 }
 

@@ -157,7 +157,7 @@ pub fn run(args: &TiersArgs) -> Result<()> {
 
 /// Bytes of one disk slot for blocks of `block_bytes` (block, header and
 /// metadata, rounded up), read from a throwaway pool.
-fn slot_bytes(dir: &Path, page_size: usize, block_bytes: usize) -> Result<u64> {
+pub(crate) fn slot_bytes(dir: &Path, page_size: usize, block_bytes: usize) -> Result<u64> {
     let probe = tempfile::tempdir_in(dir)?;
     let cache = Cache::open(
         CacheConfig::builder(page_size, block_bytes, "probe")

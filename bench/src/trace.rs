@@ -3,12 +3,12 @@
 //! always has the same parent, so the ids of all requests form a prefix tree).
 
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 
 /// One request of a trace.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 pub struct TraceRequest {
     #[serde(default)]
     pub timestamp: u64,

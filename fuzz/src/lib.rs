@@ -13,6 +13,7 @@
 //! go to the parsers as they are.
 
 pub mod disk;
+pub mod grpc;
 pub mod index_ops;
 pub mod meta;
 pub mod shm;
@@ -78,6 +79,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("disk_headers", disk::run),
     ("shm_header", shm::run),
     ("index_ops", index_ops::run),
+    ("grpc_requests", grpc::run),
 ];
 
 /// Seed inputs for a target (valid inputs, made by the encoders).
@@ -87,6 +89,7 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
         "disk_headers" => disk::seeds(),
         "shm_header" => shm::seeds(),
         "index_ops" => index_ops::seeds(),
+        "grpc_requests" => grpc::seeds(),
         _ => Vec::new(),
     }
 }

@@ -303,3 +303,54 @@ async fn session_pins_hold_a_prefix() {
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "nothing cached to pin");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_too_slow_for_the_events_is_cut_off() {
+    use proto::v1::cache_client::CacheClient;
+    let root = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(root.path(), "[limits]\nevent_buffer = 64\n");
+    let client = server.tcp_client(None).await;
+    let scope = Scope::model("m");
+    // A raw subscriber with HTTP/2's default 64 KiB window, that stops
+    // reading after the snapshot: the server's buffers fill quickly.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.tcp))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut raw = CacheClient::new(channel);
+    let mut events = raw
+        .events(proto::v1::EventsRequest { scopes: vec![] })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(events.message().await.unwrap().unwrap().snapshot);
+    // Thousands of events (stores, and the evictions they cause).
+    for id in 0..15 {
+        client
+            .store(&scope, &prompt(id, 200), 0, blocks(id, 0..200), BLOCK)
+            .await
+            .unwrap();
+    }
+    let mut seen = 0;
+    let lagged = loop {
+        let batch = tokio::time::timeout(Duration::from_secs(30), events.message())
+            .await
+            .expect("the stream ends")
+            .unwrap()
+            .expect("a final batch says how much was missed");
+        if batch.lagged > 0 {
+            break batch.lagged;
+        }
+        seen += batch.events.len();
+    };
+    assert!(lagged > 0, "cut off after {seen} events");
+    assert!(events.message().await.unwrap().is_none(), "then the stream ends");
+    assert!(server
+        .metrics_text()
+        .contains("radixkv_event_subscribers_cut_off_total 1"));
+    // The server serves on, and a fresh subscription gets a snapshot.
+    let mut again = client.events(&[]).await.unwrap();
+    let first = again.next().await.unwrap().unwrap();
+    assert!(first.snapshot && !first.events.is_empty());
+}

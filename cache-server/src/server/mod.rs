@@ -8,6 +8,8 @@ mod admin;
 mod auth;
 pub mod config;
 mod events;
+#[cfg(feature = "test-utils")]
+pub mod harness;
 mod http;
 mod leases;
 mod metrics;

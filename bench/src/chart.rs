@@ -1,0 +1,119 @@
+//! `bench chart`: charts from the JSON of earlier runs.
+//!
+//! `sidecar`: a latency CDF per call from `bench sidecar --json`'s
+//! percentiles (p50, p90, p99, p99.9, max: the points the run keeps), on a
+//! log latency axis. Replay and tiered runs write their charts themselves.
+
+use crate::svg::{push_point, Chart, Series};
+use anyhow::{ensure, Context, Result};
+use serde_json::Value;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kind {
+    /// Latency CDF of each call in a `bench sidecar --json` file.
+    Sidecar,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ChartArgs {
+    /// What the JSON file holds.
+    #[arg(value_enum)]
+    pub kind: Kind,
+    /// The JSON file a run wrote.
+    pub json: PathBuf,
+    /// The SVG file to write [default: the JSON file's name, extension .svg].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// Quantile of each percentile field the sidecar bench writes.
+const POINTS: [(&str, f64); 5] = [
+    ("p50_us", 0.5),
+    ("p90_us", 0.9),
+    ("p99_us", 0.99),
+    ("p999_us", 0.999),
+    ("max_us", 1.0),
+];
+
+/// The CDF series of every percentile object under `lookup` and `mixed`.
+pub fn sidecar_cdf(v: &Value) -> Chart {
+    let mut series: Vec<Series> = Vec::new();
+    for part in ["lookup", "mixed"] {
+        let Some(Value::Object(calls)) = v.get(part) else {
+            continue;
+        };
+        for (call, p) in calls {
+            if !p.is_object() || p.get("p50_us").is_none() {
+                continue;
+            }
+            let name = format!("{part}: {call}");
+            for (field, q) in POINTS {
+                if let Some(us) = p.get(field).and_then(Value::as_f64) {
+                    push_point(&mut series, &name, false, us, q);
+                }
+            }
+        }
+    }
+    Chart {
+        title: "Sidecar latency CDF".into(),
+        x_label: "latency, microseconds".into(),
+        y_label: "fraction of calls at or below".into(),
+        series,
+        hlines: Vec::new(),
+    }
+}
+
+pub fn run(args: &ChartArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&args.json)
+        .with_context(|| format!("reading {}", args.json.display()))?;
+    let v: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not JSON", args.json.display()))?;
+    let chart = match args.kind {
+        Kind::Sidecar => sidecar_cdf(&v),
+    };
+    ensure!(
+        !chart.series.is_empty(),
+        "{} has no latency percentiles (lookup or mixed parts)",
+        args.json.display()
+    );
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| args.json.with_extension("svg"));
+    std::fs::write(&out, chart.render())?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sidecar_percentiles_become_cdfs() {
+        let p = |base: f64| {
+            serde_json::json!({"samples": 10, "p50_us": base, "p90_us": base * 2.0,
+                "p99_us": base * 5.0, "p999_us": base * 9.0, "max_us": base * 20.0})
+        };
+        let v = serde_json::json!({
+            "lookup": {"prompt_tokens": 8192, "health": p(20.0), "lookup": p(40.0)},
+            "load": [],
+            "mixed": {"clients": 64, "lookup": p(100.0), "store": p(300.0)}
+        });
+        let c = sidecar_cdf(&v);
+        let names: Vec<&str> = c.series.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "lookup: health",
+                "lookup: lookup",
+                "mixed: lookup",
+                "mixed: store"
+            ]
+        );
+        assert_eq!(c.series[1].points[0], (40.0, 0.5));
+        assert_eq!(c.series[1].points[4], (800.0, 1.0));
+        assert!(c.render().contains("(log scale)"));
+    }
+}
