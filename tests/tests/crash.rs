@@ -28,7 +28,9 @@ async fn blocks_served_after_a_sigkill_are_the_ones_stored() {
             writers.push(tokio::spawn(async move {
                 loop {
                     let id = next.fetch_add(1, Ordering::Relaxed);
-                    let r = client.store(&scope, &prompt(id, 3), 0, blocks(id, 0..3), BLOCK).await;
+                    let r = client
+                        .store(&scope, &prompt(id, 3), 0, blocks(id, 0..3), BLOCK)
+                        .await;
                     if r.is_err() {
                         return; // the server died under us
                     }
@@ -47,12 +49,20 @@ async fn blocks_served_after_a_sigkill_are_the_ones_stored() {
         let mut hits = 0;
         for id in 1..stored {
             let tokens = prompt(id, 3);
-            let hit = client.lookup(&scope, &tokens, Some(30_000), false).await.unwrap();
+            let hit = client
+                .lookup(&scope, &tokens, Some(30_000), false)
+                .await
+                .unwrap();
             let Some(lease) = hit.lease else { continue };
             match client.load(lease, 0, 0).await {
                 Ok(got) => {
                     for b in &got {
-                        assert_eq!(&b.data[..], &block(id, b.page)[..], "round {round} prompt {id} page {}", b.page);
+                        assert_eq!(
+                            &b.data[..],
+                            &block(id, b.page)[..],
+                            "round {round} prompt {id} page {}",
+                            b.page
+                        );
                     }
                     hits += 1;
                 }
@@ -61,6 +71,9 @@ async fn blocks_served_after_a_sigkill_are_the_ones_stored() {
             }
             client.release(lease).await.unwrap();
         }
-        eprintln!("round {round}: {} prompts stored, {hits} hit after the crash", stored - 1);
+        eprintln!(
+            "round {round}: {} prompts stored, {hits} hit after the crash",
+            stored - 1
+        );
     }
 }

@@ -345,7 +345,10 @@ async fn a_subscriber_too_slow_for_the_events_is_cut_off() {
         seen += batch.events.len();
     };
     assert!(lagged > 0, "cut off after {seen} events");
-    assert!(events.message().await.unwrap().is_none(), "then the stream ends");
+    assert!(
+        events.message().await.unwrap().is_none(),
+        "then the stream ends"
+    );
     assert!(server
         .metrics_text()
         .contains("radixkv_event_subscribers_cut_off_total 1"));
