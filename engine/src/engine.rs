@@ -12,9 +12,9 @@ use crate::forward::{forward, Chunk, PAGE_SIZES};
 use crate::gguf::default_model_path;
 use crate::kv::{as_f32, KvLayout, PrivatePages};
 use crate::model::Model;
+use crate::store::{CachedPrefix, EmbeddedStore, KvNamespace, KvStore, PageBytes, RemoteStore};
 use crate::tokenizer::Tokenizer;
-use cache_server::{Cache, CacheConfig, LookupOptions};
-use radix_tree::{Lease, NamespaceId, PageHash};
+use cache_server::{Cache, CacheConfig};
 use std::borrow::Cow;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,7 +27,7 @@ pub struct EngineConfig {
     model_path: PathBuf,
     page_size: usize,
     host_bytes: usize,
-    cache: Option<Arc<Cache>>,
+    store: Option<StoreChoice>,
     lease_ttl: Duration,
     prefill_chunk: usize,
 }
@@ -40,11 +40,22 @@ impl EngineConfig {
             model_path: default_model_path(),
             page_size: 16,
             host_bytes: 512 << 20,
-            cache: None,
+            store: None,
             lease_ttl: Duration::from_secs(600),
             prefill_chunk: 512,
         })
     }
+}
+
+/// Where an engine's pages go, when not in a fresh embedded cache.
+#[derive(Debug, Clone)]
+enum StoreChoice {
+    Embedded(Arc<Cache>),
+    Other(Arc<dyn KvStore>),
+    Remote {
+        target: String,
+        token: Option<String>,
+    },
 }
 
 /// Builder for [`EngineConfig`].
@@ -72,7 +83,24 @@ impl EngineConfigBuilder {
     /// Use this cache instead of an embedded one. It must have been opened
     /// with the engine's page size, block size and [`KvLayout::digest`].
     pub fn cache(mut self, cache: Arc<Cache>) -> Self {
-        self.0.cache = Some(cache);
+        self.0.store = Some(StoreChoice::Embedded(cache));
+        self
+    }
+
+    /// Keep the KV pages in this store (a [`RemoteStore`], say). It must
+    /// have the engine's page size, block size and [`KvLayout::digest`].
+    pub fn store(mut self, store: Arc<dyn KvStore>) -> Self {
+        self.0.store = Some(StoreChoice::Other(store));
+        self
+    }
+
+    /// Keep the KV pages in a radixkv server (`unix:/path` or
+    /// `host:port`), connected to at load with the tenant's `token`.
+    pub fn remote(mut self, target: impl Into<String>, token: Option<String>) -> Self {
+        self.0.store = Some(StoreChoice::Remote {
+            target: target.into(),
+            token,
+        });
         self
     }
 
@@ -190,11 +218,12 @@ pub struct Sequence {
     /// Positions whose KV is in the pages.
     kv_len: usize,
     /// The cache's namespace, or `None` with the cache off.
-    ns: Option<NamespaceId>,
-    lease: Option<Lease>,
-    /// The block table's cached part: pages `0..cached.len()`, leased.
-    cached: Vec<PageHash>,
-    /// The block table's own part: pages from `cached.len()` on.
+    ns: Option<Arc<dyn KvNamespace>>,
+    /// The block table's cached part: pages `0..cached`, leased (the lease
+    /// goes with it).
+    prefix: Option<Box<dyn CachedPrefix>>,
+    cached: usize,
+    /// The block table's own part: pages from `cached` on.
     private: PrivatePages,
     /// Whole pages known to be in the cache.
     stored_upto: usize,
@@ -219,7 +248,51 @@ impl Sequence {
 
     /// Prompt tokens whose KV came from the cache.
     pub fn cached_tokens(&self) -> usize {
-        self.cached.len() * self.page_size
+        self.cached * self.page_size
+    }
+
+    /// The prompt, then the tokens generated so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    pub fn prompt_len(&self) -> usize {
+        self.prompt_len
+    }
+
+    /// Tokens not run yet: the rest of the prompt, or the one token a
+    /// decode step runs.
+    pub fn pending(&self) -> usize {
+        self.tokens.len() - self.pos
+    }
+
+    /// Whether the prompt is run (the next step decodes).
+    pub fn is_decoding(&self) -> bool {
+        self.pos >= self.prompt_len
+    }
+
+    /// Private KV pages the sequence holds (its own, not the cache's).
+    pub fn private_pages(&self) -> usize {
+        self.private.held()
+    }
+
+    /// Private KV pages it would hold after running its next `n` tokens.
+    pub fn private_pages_after(&self, n: usize) -> usize {
+        let end = (self.pos + n.min(self.pending())).max(self.kv_len);
+        let needed = end.div_ceil(self.page_size).saturating_sub(self.cached);
+        needed.max(self.private.held())
+    }
+
+    /// The most of its next tokens (up to `want`) that it can run while
+    /// holding at most `pages` private pages.
+    pub fn tokens_within(&self, pages: usize, want: usize) -> usize {
+        let want = want.min(self.pending());
+        if self.private_pages_after(want) <= pages {
+            return want;
+        }
+        // Positions below this end fit in `pages` private pages.
+        let end = (self.cached + pages) * self.page_size;
+        end.saturating_sub(self.pos).min(want)
     }
 }
 
@@ -229,7 +302,9 @@ pub struct Engine {
     model: Model,
     tokenizer: Tokenizer,
     layout: KvLayout,
-    cache: Arc<Cache>,
+    store: Arc<dyn KvStore>,
+    /// The cache, when embedded.
+    cache: Option<Arc<Cache>>,
     config: EngineConfig,
     stats: EngineStats,
 }
@@ -240,30 +315,43 @@ impl Engine {
     pub fn load(config: EngineConfig) -> Result<Engine> {
         let (model, tokenizer) = Model::load(&config.model_path)?;
         let layout = KvLayout::new(model.config(), config.page_size);
-        let cache = match &config.cache {
-            Some(cache) => {
-                let c = cache.config();
-                if c.page_size() != layout.page_size || c.block_bytes() != layout.block_bytes() {
-                    return Err(EngineError::InvalidConfig(format!(
-                        "the cache has {}-token pages of {} bytes; this model needs {} of {}",
-                        c.page_size(),
-                        c.block_bytes(),
-                        layout.page_size,
-                        layout.block_bytes()
-                    )));
-                }
-                cache.clone()
+        let (store, cache): (Arc<dyn KvStore>, _) = match &config.store {
+            Some(StoreChoice::Embedded(cache)) => {
+                (Arc::new(EmbeddedStore(cache.clone())), Some(cache.clone()))
             }
-            None => Arc::new(Cache::open(
-                CacheConfig::builder(layout.page_size, layout.block_bytes(), layout.digest())
-                    .host_bytes(config.host_bytes)
-                    .build()?,
-            )?),
+            Some(StoreChoice::Other(store)) => (store.clone(), None),
+            Some(StoreChoice::Remote { target, token }) => (
+                Arc::new(RemoteStore::connect(target, token.as_deref())?),
+                None,
+            ),
+            None => {
+                let cache = Arc::new(Cache::open(
+                    CacheConfig::builder(layout.page_size, layout.block_bytes(), layout.digest())
+                        .host_bytes(config.host_bytes)
+                        .build()?,
+                )?);
+                (Arc::new(EmbeddedStore(cache.clone())), Some(cache))
+            }
         };
+        if store.page_size() != layout.page_size
+            || store.block_bytes() != layout.block_bytes()
+            || store.layout() != layout.digest()
+        {
+            return Err(EngineError::InvalidConfig(format!(
+                "the cache has {}-token pages of {} bytes in layout {:?}; this model needs {} of {} in {:?}",
+                store.page_size(),
+                store.block_bytes(),
+                store.layout(),
+                layout.page_size,
+                layout.block_bytes(),
+                layout.digest(),
+            )));
+        }
         Ok(Engine {
             model,
             tokenizer,
             layout,
+            store,
             cache,
             config,
             stats: EngineStats::default(),
@@ -282,8 +370,14 @@ impl Engine {
         &self.layout
     }
 
-    pub fn cache(&self) -> &Arc<Cache> {
-        &self.cache
+    /// The embedded cache (`None` with another store).
+    pub fn cache(&self) -> Option<&Arc<Cache>> {
+        self.cache.as_ref()
+    }
+
+    /// Where the KV pages are cached.
+    pub fn store(&self) -> &Arc<dyn KvStore> {
+        &self.store
     }
 
     pub fn stats(&self) -> &EngineStats {
@@ -302,11 +396,9 @@ impl Engine {
         Ok(self.finish(seq))
     }
 
-    /// Checks a request, looks its prompt up in the cache (leasing the
-    /// cached pages and promoting them to host RAM) and returns the
-    /// sequence, ready for [`Engine::step`].
-    pub fn start(&self, prompt: &[u32], options: &GenerateOptions) -> Result<Sequence> {
-        let started = Instant::now();
+    /// Checks a request without starting it: an empty prompt, tokens
+    /// outside the vocabulary, no output asked, or more than the context.
+    pub fn check(&self, prompt: &[u32], options: &GenerateOptions) -> Result<()> {
         let vocab = self.model.config().vocab;
         let context = self.model.config().context;
         if prompt.is_empty() {
@@ -324,15 +416,25 @@ impl Engine {
         if requested > context {
             return Err(EngineError::ContextTooLong { requested, context });
         }
-        let (ns, lease, cached) = if options.use_cache {
-            let ns = self.cache.namespace(&options.tenant, self.model.id(), "")?;
-            let (lease, cached) = self.lookup(ns, prompt);
-            (Some(ns), lease, cached)
+        Ok(())
+    }
+
+    /// Checks a request, looks its prompt up in the cache (leasing the
+    /// cached pages and promoting them to host RAM) and returns the
+    /// sequence, ready for [`Engine::step`].
+    pub fn start(&self, prompt: &[u32], options: &GenerateOptions) -> Result<Sequence> {
+        let started = Instant::now();
+        self.check(prompt, options)?;
+        let (ns, prefix) = if options.use_cache {
+            let ns = self.store.namespace(&options.tenant, self.model.id())?;
+            let prefix = self.lookup(&*ns, prompt);
+            (Some(ns), prefix)
         } else {
-            (None, None, Vec::new())
+            (None, None)
         };
+        let cached = prefix.as_ref().map_or(0, |p| p.pages());
         let ps = self.layout.page_size;
-        let cached_tokens = cached.len() * ps;
+        let cached_tokens = cached * ps;
         self.stats.sequences.fetch_add(1, Ordering::Relaxed);
         self.stats
             .cached_tokens
@@ -348,9 +450,9 @@ impl Engine {
             pos: cached_tokens.min(prompt.len() - 1),
             kv_len: cached_tokens,
             ns,
-            lease,
-            private: PrivatePages::new(cached.len(), &self.layout),
-            stored_upto: cached.len(),
+            prefix,
+            private: PrivatePages::new(cached, &self.layout),
+            stored_upto: cached,
             cached,
             tokens,
             stored_pages: 0,
@@ -365,24 +467,12 @@ impl Engine {
 
     /// The cached prefix of `prompt`, leased and in host RAM. A cache that
     /// fails only costs the work it would have saved.
-    fn lookup(&self, ns: NamespaceId, prompt: &[u32]) -> (Option<Lease>, Vec<PageHash>) {
-        let options = LookupOptions {
-            lease: Some(self.config.lease_ttl),
-            promote: true,
-        };
-        match self.cache.lookup(ns, prompt, options) {
-            Ok(hit) => {
-                if let Some(id) = hit.prefetch {
-                    self.cache.wait(id);
-                }
-                match hit.lease {
-                    Some(lease) => (Some(lease), hit.hashes),
-                    None => (None, Vec::new()),
-                }
-            }
+    fn lookup(&self, ns: &dyn KvNamespace, prompt: &[u32]) -> Option<Box<dyn CachedPrefix>> {
+        match ns.lookup(prompt, self.config.lease_ttl) {
+            Ok(prefix) => prefix,
             Err(_) => {
                 self.stats.lookup_errors.fetch_add(1, Ordering::Relaxed);
-                (None, Vec::new())
+                None
             }
         }
     }
@@ -392,40 +482,58 @@ impl Engine {
     /// reach the end of their input get their next token. New whole pages
     /// go to the cache.
     pub fn step(&self, seqs: &mut [&mut Sequence]) -> Result<()> {
-        let ps = self.layout.page_size;
-        let mut running: Vec<&mut Sequence> = seqs
+        let limits = vec![self.config.prefill_chunk; seqs.len()];
+        self.step_limited(seqs, &limits)
+    }
+
+    /// [`Engine::step`], running at most `limits[i]` tokens of `seqs[i]`
+    /// (0: it sits this step out). A scheduler's lever for chunked prefill
+    /// and for its KV budget.
+    pub fn step_limited(&self, seqs: &mut [&mut Sequence], limits: &[usize]) -> Result<()> {
+        assert_eq!(seqs.len(), limits.len(), "one limit per sequence");
+        let mut running: Vec<(&mut Sequence, usize)> = seqs
             .iter_mut()
             .map(|s| &mut **s)
-            .filter(|s| !s.is_finished())
+            .zip(limits.iter().copied())
+            .filter(|(s, limit)| !s.is_finished() && *limit > 0)
             .collect();
         if running.is_empty() {
             return Ok(());
         }
         // Borrow every cached page in place for the length of the step (the
-        // sequence's lease keeps them in host RAM).
-        let mut sources = Vec::with_capacity(running.len());
-        for seq in &running {
-            let mut pages = Vec::with_capacity(seq.cached.len());
-            for (page, &hash) in seq.cached.iter().enumerate() {
-                let ns = seq.ns.expect("cached pages come with a namespace");
-                pages.push(match self.cache.borrow(ns, hash)? {
-                    Some(block) => PageSource::InPlace(block),
-                    None => {
-                        // Not in host RAM after all: read a copy from
-                        // wherever it is.
-                        let mut buf = vec![0u8; self.layout.block_bytes()];
-                        match self.cache.read_page(ns, hash, &mut buf)? {
-                            Some(_) => PageSource::Copied(buf),
-                            None => return Err(EngineError::KvLost { page }),
-                        }
-                    }
-                });
+        // sequence's lease keeps them readable). The prefixes step aside
+        // while the sequences are borrowed mutably.
+        let prefixes: Vec<Option<Box<dyn CachedPrefix>>> =
+            running.iter_mut().map(|(s, _)| s.prefix.take()).collect();
+        let result = self.run_step(&mut running, &prefixes);
+        for ((seq, _), prefix) in running.iter_mut().zip(prefixes) {
+            seq.prefix = prefix;
+        }
+        let (logits, ran, elapsed) = result?;
+        self.after_step(&mut running, logits, ran, elapsed);
+        Ok(())
+    }
+
+    /// The forward pass of a step: logits, tokens run per sequence, time.
+    #[allow(clippy::type_complexity)]
+    fn run_step(
+        &self,
+        running: &mut [(&mut Sequence, usize)],
+        prefixes: &[Option<Box<dyn CachedPrefix>>],
+    ) -> Result<(Vec<Option<Vec<f32>>>, Vec<usize>, Duration)> {
+        let mut sources: Vec<Vec<PageBytes<'_>>> = Vec::with_capacity(running.len());
+        for ((seq, _), prefix) in running.iter().zip(prefixes) {
+            let mut pages = Vec::with_capacity(seq.cached);
+            if let Some(prefix) = prefix {
+                for page in 0..seq.cached {
+                    pages.push(prefix.page(page)?);
+                }
             }
             sources.push(pages);
         }
         let views: Vec<Vec<Cow<'_, [f32]>>> = sources
             .iter()
-            .map(|pages| pages.iter().map(|p| as_f32(p.bytes())).collect())
+            .map(|pages| pages.iter().map(|p| as_f32(p)).collect())
             .collect();
         let slices: Vec<Vec<&[f32]>> = views
             .iter()
@@ -434,8 +542,11 @@ impl Engine {
         let mut chunks: Vec<Chunk<'_>> = running
             .iter_mut()
             .zip(&slices)
-            .map(|(seq, cached)| {
-                let end = seq.tokens.len().min(seq.pos + self.config.prefill_chunk);
+            .map(|((seq, limit), cached)| {
+                let end = seq
+                    .tokens
+                    .len()
+                    .min(seq.pos + (*limit).min(self.config.prefill_chunk));
                 Chunk {
                     tokens: &seq.tokens[seq.pos..end],
                     start: seq.pos,
@@ -450,12 +561,20 @@ impl Engine {
         let logits = forward(&self.model, &self.layout, &mut chunks);
         let elapsed = began.elapsed();
         let ran: Vec<usize> = chunks.iter().map(|c| c.tokens.len()).collect();
-        drop(chunks);
-        drop(slices);
-        drop(views);
-        drop(sources);
+        Ok((logits, ran, elapsed))
+    }
 
-        for ((seq, logits), n) in running.iter_mut().zip(logits).zip(ran) {
+    /// Takes a step's results into its sequences: positions, next tokens,
+    /// timings, and the new whole pages into the cache.
+    fn after_step(
+        &self,
+        running: &mut [(&mut Sequence, usize)],
+        logits: Vec<Option<Vec<f32>>>,
+        ran: Vec<usize>,
+        elapsed: Duration,
+    ) {
+        let ps = self.layout.page_size;
+        for (((seq, _), logits), n) in running.iter_mut().zip(logits).zip(ran) {
             let end = seq.pos + n;
             if seq.pos < seq.prompt_len {
                 seq.computed_prompt += n;
@@ -482,24 +601,23 @@ impl Engine {
             }
             self.store_full_pages(seq, ps);
         }
-        Ok(())
     }
 
     /// Stores the sequence's whole pages that the cache does not have yet.
     fn store_full_pages(&self, seq: &mut Sequence, ps: usize) {
-        let Some(ns) = seq.ns else { return };
+        let Some(ns) = &seq.ns else { return };
         let full = seq.kv_len / ps;
         if full <= seq.stored_upto {
             return;
         }
         let first = seq.private.first_page();
         let data = seq.private.bytes(first..full);
-        match self.cache.store(ns, &seq.tokens[..full * ps], first, data) {
-            Ok(out) => {
-                seq.stored_pages += out.stored_pages;
+        match ns.store(&seq.tokens[..full * ps], first, data) {
+            Ok(stored) => {
+                seq.stored_pages += stored;
                 self.stats
                     .stored_pages
-                    .fetch_add(out.stored_pages as u64, Ordering::Relaxed);
+                    .fetch_add(stored as u64, Ordering::Relaxed);
             }
             Err(_) => {
                 self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
@@ -529,12 +647,9 @@ impl Engine {
             .expect("asked for logits"))
     }
 
-    /// Ends a sequence (finished or not): releases its lease and reports.
+    /// Ends a sequence (finished or not): releases its lease (dropping a
+    /// sequence does too) and reports.
     pub fn finish(&self, seq: Sequence) -> Generation {
-        if let Some(lease) = &seq.lease {
-            // An expired lease is already gone; nothing else can fail here.
-            let _ = self.cache.release(lease);
-        }
         Generation {
             tokens: seq.tokens[seq.prompt_len..].to_vec(),
             prompt_tokens: seq.prompt_len,
@@ -545,23 +660,6 @@ impl Engine {
             ttft: seq.ttft.unwrap_or_default(),
             prefill_time: seq.prefill_time,
             decode_time: seq.decode_time,
-        }
-    }
-}
-
-/// Where a cached page's bytes are for one step.
-enum PageSource<B> {
-    /// Borrowed from the host tier, in place.
-    InPlace(B),
-    /// Read from a slower tier into a private copy.
-    Copied(Vec<u8>),
-}
-
-impl<B: std::ops::Deref<Target = [u8]>> PageSource<B> {
-    fn bytes(&self) -> &[u8] {
-        match self {
-            PageSource::InPlace(b) => b,
-            PageSource::Copied(v) => v,
         }
     }
 }

@@ -36,6 +36,9 @@ pub enum EngineError {
     KvLost { page: usize },
     #[error(transparent)]
     Cache(#[from] CacheError),
+    /// A radixkv server could not be reached or refused a call.
+    #[error("cache server: {0}")]
+    Remote(String),
 }
 
 impl From<candle_core::Error> for EngineError {

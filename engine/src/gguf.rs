@@ -25,6 +25,12 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// The geometry of the model file at `path`, without loading its
+    /// weights.
+    pub fn read(path: &Path) -> Result<ModelConfig> {
+        GgufFile::open(path)?.config()
+    }
+
     /// Query heads that share one KV head.
     pub fn group(&self) -> usize {
         self.heads / self.kv_heads

@@ -111,6 +111,11 @@ impl PrivatePages {
         self.first_page
     }
 
+    /// Pages held.
+    pub fn held(&self) -> usize {
+        self.data.len() / self.page_floats
+    }
+
     /// Makes room for pages up to `page` (zeroed).
     pub fn ensure(&mut self, page: usize) {
         assert!(page >= self.first_page, "page {page} is a cached page");

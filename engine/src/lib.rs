@@ -11,6 +11,13 @@
 //!   leases the cached pages and reads them in place through the
 //!   sequence's block table, computes only the uncached suffix, and stores
 //!   every new whole page (prompt and output) for the next turn.
+//! - [`KvStore`] is where pages are cached: the embedded cache (the
+//!   default) or a radixkv server ([`RemoteStore`], over gRPC and its
+//!   shared memory).
+//! - [`Scheduler`] batches requests continuously on a worker thread
+//!   (chunked prefill, a KV page budget with preemption, cancellation).
+//! - [`http`] serves it as an OpenAI-compatible API (the binary
+//!   `radixkv-engine`).
 //!
 //! ```no_run
 //! use engine::{Engine, EngineConfig, GenerateOptions};
@@ -35,10 +42,13 @@ mod engine;
 mod error;
 mod forward;
 mod gguf;
+pub mod http;
 mod kv;
 mod matmul;
 mod model;
+pub mod scheduler;
 mod simd;
+pub mod store;
 mod tokenizer;
 
 pub use engine::{
@@ -49,4 +59,6 @@ pub use error::{EngineError, Result};
 pub use gguf::{default_model_path, ModelConfig};
 pub use kv::KvLayout;
 pub use model::Model;
+pub use scheduler::{Event, Scheduler, SchedulerConfig, SchedulerStats};
+pub use store::{CachedPrefix, EmbeddedStore, KvNamespace, KvStore, PageBytes, RemoteStore};
 pub use tokenizer::Tokenizer;

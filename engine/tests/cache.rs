@@ -5,14 +5,7 @@ mod common;
 
 use engine::GenerateOptions;
 
-fn chat(engine: &engine::Engine, turns: &[(&str, &str)]) -> Vec<u32> {
-    let mut text = String::new();
-    for (role, content) in turns {
-        text.push_str(&format!("<|im_start|>{role}\n{content}<|im_end|>\n"));
-    }
-    text.push_str("<|im_start|>assistant\n");
-    engine.tokenizer().encode(&text).unwrap()
-}
+use common::chat;
 
 fn options(max: usize, use_cache: bool, tenant: &str) -> GenerateOptions {
     let mut o = GenerateOptions::new(max);

@@ -7,12 +7,12 @@
 use engine::{default_model_path, Engine, EngineConfig};
 use serde_json::Value;
 use std::io::Write;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 /// The engine over the fetched model, shared by a test binary's tests;
 /// `None` (with a message) when the model is not fetched.
-pub fn engine() -> Option<&'static Engine> {
-    static ENGINE: OnceLock<Option<Engine>> = OnceLock::new();
+pub fn engine() -> Option<&'static Arc<Engine>> {
+    static ENGINE: OnceLock<Option<Arc<Engine>>> = OnceLock::new();
     ENGINE
         .get_or_init(|| {
             let path = default_model_path();
@@ -30,7 +30,7 @@ pub fn engine() -> Option<&'static Engine> {
                 .host_bytes(256 << 20)
                 .build()
                 .expect("config");
-            Some(Engine::load(config).expect("the model loads"))
+            Some(Arc::new(Engine::load(config).expect("the model loads")))
         })
         .as_ref()
 }
@@ -50,4 +50,14 @@ pub fn ids(v: &Value) -> Vec<u32> {
         .iter()
         .map(|x| x.as_u64().expect("an id") as u32)
         .collect()
+}
+
+/// A ChatML prompt of `turns` (role, content), ready for the assistant.
+pub fn chat(engine: &Engine, turns: &[(&str, &str)]) -> Vec<u32> {
+    let mut text = String::new();
+    for (role, content) in turns {
+        text.push_str(&format!("<|im_start|>{role}\n{content}<|im_end|>\n"));
+    }
+    text.push_str("<|im_start|>assistant\n");
+    engine.tokenizer().encode(&text).unwrap()
 }
