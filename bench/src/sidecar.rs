@@ -68,6 +68,11 @@ pub struct SidecarArgs {
     /// Directory for the servers' data (disk tier, socket).
     #[arg(long, default_value = ".")]
     pub dir: PathBuf,
+    /// Lookup: measure against a running radixkv-server instead of one in
+    /// this process (`unix:/path` or `host:port`; page size 16, block size
+    /// 4096, room for the prompt; the server's default tenant).
+    #[arg(long)]
+    pub connect: Option<String>,
     /// Worker threads of the runtime the server and the clients share.
     #[arg(long, default_value_t = 2)]
     pub worker_threads: usize,
@@ -182,6 +187,9 @@ pub fn run(args: &SidecarArgs) -> Result<()> {
         let (ps, bb) = (16, 4096);
         let pages = args.prompt_tokens / ps;
         results.lookup = Some(runtime.block_on(async {
+            if let Some(target) = &args.connect {
+                return lookup_latency(args, target, ps, bb).await;
+            }
             let server = start_server(dir.path(), ps, bb, (pages + 64) * bb).await?;
             let unix = format!("unix:{}", server.unix.as_ref().unwrap().display());
             let r = lookup_latency(args, &unix, ps, bb).await;

@@ -311,10 +311,13 @@ async fn a_subscriber_too_slow_for_the_events_is_cut_off() {
     let server = ServerProcess::start(root.path(), "[limits]\nevent_buffer = 64\n");
     let client = server.tcp_client(None).await;
     let scope = Scope::model("m");
-    // A raw subscriber with HTTP/2's default 64 KiB window, that stops
+    // A raw subscriber with HTTP/2's smallest default window (64 KiB; hyper
+    // would otherwise grant megabytes), that stops
     // reading after the snapshot: the server's buffers fill quickly.
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.tcp))
         .unwrap()
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
         .connect()
         .await
         .unwrap();
@@ -326,7 +329,7 @@ async fn a_subscriber_too_slow_for_the_events_is_cut_off() {
         .into_inner();
     assert!(events.message().await.unwrap().unwrap().snapshot);
     // Thousands of events (stores, and the evictions they cause).
-    for id in 0..15 {
+    for id in 0..25 {
         client
             .store(&scope, &prompt(id, 200), 0, blocks(id, 0..200), BLOCK)
             .await

@@ -61,10 +61,10 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use memmap2::{Advice, Mmap, MmapMut, MmapOptions};
 
+use crate::sync::{AtomicU32, AtomicU64, Ordering};
 use crate::{BlockGeometry, BlockPool, Medium, Result, SlotId, TierError};
 
 /// The first eight bytes of a shared-memory pool file.
@@ -280,6 +280,18 @@ impl SlotTable {
                 }
                 Err(actual) => current = actual,
             }
+        }
+    }
+
+    /// Publishes a reserved slot as it stands (its bytes written in place
+    /// by someone else): `Empty` unless the slot was reserved and is now
+    /// readable. See [`HostPool::seal`].
+    pub(crate) fn seal(&self, slot: SlotId) -> Result<()> {
+        self.begin_write(slot)?;
+        if self.end_write(slot, true) {
+            Ok(())
+        } else {
+            Err(TierError::Empty(slot))
         }
     }
 
@@ -677,12 +689,7 @@ impl HostPool {
     /// slot becomes readable as it stands. `Empty` if the slot is not
     /// reserved (never allocated, freed, or already published).
     pub fn seal(&self, slot: SlotId) -> Result<()> {
-        self.slots.begin_write(slot)?;
-        if self.slots.end_write(slot, true) {
-            Ok(())
-        } else {
-            Err(TierError::Empty(slot))
-        }
+        self.slots.seal(slot)
     }
 
     /// Frees a slot that is reserved and unwritten (a shared-memory
@@ -907,12 +914,13 @@ impl ShmHeader {
 /// (so a full tmpfs is an error now, not a SIGBUS on first write), header
 /// written, then renamed into place.
 fn create_shm(path: &Path, header: &ShmHeader, len: usize) -> Result<(MmapMut, ShmFile)> {
-    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    // A plain std atomic (a static, outside the slot table's model checks).
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
     tmp_name.push(format!(
         ".tmp.{}.{}",
         std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
+        COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     let tmp = path.with_file_name(tmp_name);
     let result = (|| {
@@ -1088,6 +1096,11 @@ impl fmt::Debug for ShmView {
     }
 }
 
+/// Model checks of the slot table's races (pin / free / reallocate) under
+/// loom; the command is in the module's docs.
+#[cfg(all(test, loom))]
+mod loom_tests;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1124,6 +1137,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(loom, ignore = "loom's atomics work only inside loom::model")]
     fn free_list_hands_out_each_slot_once() {
         let t = SlotTable::new(3);
         let mut got: Vec<u32> = (0..3).map(|_| t.allocate().unwrap().0).collect();
@@ -1138,6 +1152,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(loom, ignore = "loom's atomics work only inside loom::model")]
     fn free_while_writing_releases_at_end_of_write() {
         let t = SlotTable::new(1);
         let s = t.allocate().unwrap();

@@ -21,6 +21,7 @@ mod error;
 pub mod host;
 pub mod io;
 pub mod mover;
+mod sync;
 
 pub use error::{Result, TierError};
 
