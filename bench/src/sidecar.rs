@@ -713,6 +713,14 @@ fn table(r: &Results) -> String {
             m.peak_rss_bytes as f64 / (1 << 20) as f64,
             m.cap_bytes as f64 / (1 << 20) as f64
         );
+        let _ = writeln!(
+            out,
+            "  RSS {:.0} MiB after a tenth of the run, {:.0} MiB at the end; leases left {}, host slots leaked {}",
+            m.rss_early_bytes as f64 / (1 << 20) as f64,
+            m.rss_end_bytes as f64 / (1 << 20) as f64,
+            m.leases_left,
+            m.slots_leaked
+        );
         for (name, p) in [
             ("lookup", &m.lookup),
             ("load", &m.load),
