@@ -1,8 +1,10 @@
 //! The tenant timing audit: can tenant B tell, by timing its own lookups,
 //! whether tenant A has a prompt cached? Starts the sidecar in this process
 //! with two tenants; A caches a long prompt. From B, lookups of A's prompt
-//! and of random prompts of the same length are timed, interleaved; a
-//! two-sample Kolmogorov–Smirnov test must not tell the two apart. As a
+//! and of a decoy (a random prompt of the same length that nobody cached,
+//! looked up just as often, so caches and branch predictors treat both
+//! alike) are timed, interleaved in random order; a two-sample
+//! Kolmogorov–Smirnov test must not tell the two apart. As a
 //! control, within A, hits and misses are timed the same way, and the test
 //! must tell those apart (so the audit can see a difference when one
 //! exists). Run: `scripts/timing-audit [SAMPLES]`.
@@ -93,19 +95,35 @@ fn main() -> anyhow::Result<()> {
             c.lookup(scope, tokens, None, false).await?;
             Ok(t.elapsed().as_secs_f64() * 1e6)
         }
-        // Warm-up.
-        for _ in 0..100 {
-            time(&b, &scope, &secret).await?;
-            time(&a, &scope, &secret).await?;
-        }
+        let decoy = random_prompt();
         let (mut b_secret, mut b_random, mut a_hit, mut a_miss) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..samples {
-            let r = random_prompt();
-            b_secret.push(time(&b, &scope, &secret).await?);
-            b_random.push(time(&b, &scope, &r).await?);
-            a_hit.push(time(&a, &scope, &secret).await?);
-            a_miss.push(time(&a, &scope, &r).await?);
+        let mut coin = 0x9e37_79b9_7f4a_7c15_u64;
+        // The first rounds warm up and are not kept.
+        let warmup = 50;
+        for round in 0..samples + warmup {
+            if round == warmup {
+                for v in [&mut b_secret, &mut b_random, &mut a_hit, &mut a_miss] {
+                    v.clear();
+                }
+            }
+            coin ^= coin << 13;
+            coin ^= coin >> 7;
+            coin ^= coin << 17;
+            if coin & 1 == 0 {
+                b_secret.push(time(&b, &scope, &secret).await?);
+                b_random.push(time(&b, &scope, &decoy).await?);
+            } else {
+                b_random.push(time(&b, &scope, &decoy).await?);
+                b_secret.push(time(&b, &scope, &secret).await?);
+            }
+            if coin & 2 == 0 {
+                a_hit.push(time(&a, &scope, &secret).await?);
+                a_miss.push(time(&a, &scope, &decoy).await?);
+            } else {
+                a_miss.push(time(&a, &scope, &decoy).await?);
+                a_hit.push(time(&a, &scope, &secret).await?);
+            }
         }
         let median = |v: &[f64]| {
             let mut v = v.to_vec();
@@ -116,12 +134,12 @@ fn main() -> anyhow::Result<()> {
         let (d_within, p_within) = ks(a_hit.clone(), a_miss.clone());
         println!("timing audit, {samples} lookups of a {}-token prompt per group", pages * ps);
         println!(
-            "  tenant B, A's cached prompt vs random: median {:.1} vs {:.1} us, KS D = {d_across:.3}, p = {p_across:.3}",
+            "  tenant B, A's cached prompt vs a decoy: median {:.1} vs {:.1} us, KS D = {d_across:.3}, p = {p_across:.3}",
             median(&b_secret),
             median(&b_random)
         );
         println!(
-            "  tenant A, its hit vs a miss (control):  median {:.1} vs {:.1} us, KS D = {d_within:.3}, p = {p_within:.2e}",
+            "  tenant A, its hit vs the decoy (control): median {:.1} vs {:.1} us, KS D = {d_within:.3}, p = {p_within:.2e}",
             median(&a_hit),
             median(&a_miss)
         );
