@@ -254,6 +254,15 @@ fn hash_of(bytes: &[u8]) -> Result<PageHash> {
     Ok(PageHash::from_le_bytes(arr))
 }
 
+fn loaded(b: pb::Block) -> Result<LoadedBlock> {
+    Ok(LoadedBlock {
+        page: b.page as usize,
+        hash: hash_of(&b.hash)?,
+        tier: to_tier(b.tier),
+        data: b.data,
+    })
+}
+
 fn opt_hash(bytes: &[u8]) -> Result<Option<PageHash>> {
     if bytes.is_empty() {
         Ok(None)
@@ -402,24 +411,10 @@ impl Client {
         first: usize,
         pages: usize,
     ) -> Result<Vec<LoadedBlock>> {
-        let mut stream = self
-            .cache
-            .clone()
-            .load(pb::LoadRequest {
-                lease_id: lease.id,
-                first_page: first as u32,
-                pages: pages as u32,
-            })
-            .await?
-            .into_inner();
+        let mut stream = self.load_stream(lease, first, pages).await?;
         let mut out = Vec::with_capacity(pages);
         while let Some(b) = stream.message().await? {
-            out.push(LoadedBlock {
-                page: b.page as usize,
-                hash: hash_of(&b.hash)?,
-                tier: to_tier(b.tier),
-                data: b.data,
-            });
+            out.push(loaded(b)?);
         }
         Ok(out)
     }
@@ -433,7 +428,22 @@ impl Client {
         pages: usize,
         mut each: impl FnMut(usize, &[u8]),
     ) -> Result<usize> {
-        let mut stream = self
+        let mut stream = self.load_stream(lease, first, pages).await?;
+        let mut n = 0;
+        while let Some(b) = stream.message().await? {
+            each(b.page as usize, &b.data);
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    async fn load_stream(
+        &self,
+        lease: LeaseHandle,
+        first: usize,
+        pages: usize,
+    ) -> Result<tonic::Streaming<pb::Block>> {
+        Ok(self
             .cache
             .clone()
             .load(pb::LoadRequest {
@@ -442,13 +452,7 @@ impl Client {
                 pages: pages as u32,
             })
             .await?
-            .into_inner();
-        let mut n = 0;
-        while let Some(b) = stream.message().await? {
-            each(b.page as usize, &b.data);
-            n += 1;
-        }
-        Ok(n)
+            .into_inner())
     }
 
     /// Where a lease's blocks sit in the shared-memory file.
@@ -633,12 +637,7 @@ impl Client {
             .into_inner();
         let mut out = Vec::new();
         while let Some(b) = stream.message().await? {
-            out.push(LoadedBlock {
-                page: b.page as usize,
-                hash: hash_of(&b.hash)?,
-                tier: to_tier(b.tier),
-                data: b.data,
-            });
+            out.push(loaded(b)?);
         }
         Ok(out)
     }
