@@ -474,6 +474,38 @@ async fn grpc_rate(
     Ok(total.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
 }
 
+/// A client's latency samples, at most `SAMPLES_KEPT` of them (a uniform
+/// reservoir), so that a long soak measures the server's memory, not a
+/// growing list of samples.
+#[derive(Debug, Default)]
+struct Samples {
+    kept: Vec<u64>,
+    seen: u64,
+    rng: u64,
+}
+
+const SAMPLES_KEPT: usize = 20_000;
+
+impl Samples {
+    fn add(&mut self, ns: u64) {
+        self.seen += 1;
+        if self.kept.len() < SAMPLES_KEPT {
+            self.kept.push(ns);
+            return;
+        }
+        // xorshift64*, seeded by the count: reproducible, cheap.
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15) ^ self.seen;
+        let mut x = self.rng;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        let pick = x.wrapping_mul(0x2545_F491_4F6C_DD1D) % self.seen;
+        if (pick as usize) < SAMPLES_KEPT {
+            self.kept[pick as usize] = ns;
+        }
+    }
+}
+
 /// The resident set size of this process, in bytes.
 fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -515,7 +547,7 @@ async fn mixed(args: &SidecarArgs) -> Result<MixedResult> {
             system.clone(),
         );
         tasks.push(tokio::spawn(async move {
-            let mut lat: [Vec<u64>; 3] = Default::default();
+            let mut lat: [Samples; 3] = Default::default();
             let mut round = 0u32;
             while !stop.load(Ordering::Relaxed) {
                 round += 1;
@@ -526,7 +558,7 @@ async fn mixed(args: &SidecarArgs) -> Result<MixedResult> {
                 );
                 let t = Instant::now();
                 let hit = client.lookup(&scope, &tokens, Some(10_000), false).await;
-                lat[0].push(t.elapsed().as_nanos() as u64);
+                lat[0].add(t.elapsed().as_nanos() as u64);
                 calls.fetch_add(1, Ordering::Relaxed);
                 let Ok(hit) = hit else {
                     errors.fetch_add(1, Ordering::Relaxed);
@@ -541,7 +573,7 @@ async fn mixed(args: &SidecarArgs) -> Result<MixedResult> {
                     if r.await.is_err() {
                         errors.fetch_add(1, Ordering::Relaxed);
                     }
-                    lat[1].push(t.elapsed().as_nanos() as u64);
+                    lat[1].add(t.elapsed().as_nanos() as u64);
                     if client.release(lease).await.is_err() {
                         errors.fetch_add(1, Ordering::Relaxed);
                     }
@@ -558,7 +590,7 @@ async fn mixed(args: &SidecarArgs) -> Result<MixedResult> {
                     {
                         errors.fetch_add(1, Ordering::Relaxed);
                     }
-                    lat[2].push(t.elapsed().as_nanos() as u64);
+                    lat[2].add(t.elapsed().as_nanos() as u64);
                     calls.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -593,7 +625,7 @@ async fn mixed(args: &SidecarArgs) -> Result<MixedResult> {
     for t in tasks {
         let lat = t.await?;
         for (a, l) in all.iter_mut().zip(lat) {
-            a.extend(l);
+            a.extend(l.kept);
         }
     }
     let seconds = start.elapsed().as_secs_f64();
@@ -728,7 +760,7 @@ fn table(r: &Results) -> String {
         ] {
             let _ = writeln!(
                 out,
-                "  {name:<8} p50 {:>8.1} us  p90 {:>8.1}  p99 {:>8.1}  p999 {:>8.1}  ({} calls)",
+                "  {name:<8} p50 {:>8.1} us  p90 {:>8.1}  p99 {:>8.1}  p999 {:>8.1}  ({} samples)",
                 p.p50_us, p.p90_us, p.p99_us, p.p999_us, p.samples
             );
         }
