@@ -26,7 +26,7 @@ use anyhow::Context as _;
 use events::EventBus;
 use proto::v1::admin_server::AdminServer;
 use proto::v1::cache_server::CacheServer;
-use radix_tree::{Tier, TIERS};
+use radix_tree::Tier;
 use state::State;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -300,6 +300,5 @@ fn render_metrics(state: &State) -> String {
     );
     metrics::gauge_header(&mut out, "radixkv_index_memory_bytes", "The index's heap.");
     let _ = writeln!(out, "radixkv_index_memory_bytes {}", index.memory_bytes);
-    let _ = TIERS;
     out
 }

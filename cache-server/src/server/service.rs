@@ -622,11 +622,7 @@ impl CacheService {
         let state = s.clone();
         let pages = r.pages as usize;
         let reserved = blocking(move || Ok(state.cache.reserve_host(pages)?)).await?;
-        let id = {
-            let mut next = s.next_reservation.lock();
-            *next += 1;
-            *next
-        };
+        let id = s.next_reservation.fetch_add(1, Ordering::Relaxed);
         s.reservations.lock().insert(
             id,
             Reservation {

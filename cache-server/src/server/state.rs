@@ -13,7 +13,7 @@ use crate::Cache;
 use parking_lot::Mutex;
 use radix_tree::{NamespaceId, PageHash, Tier};
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tiers::SlotId;
@@ -37,7 +37,7 @@ pub struct State {
     pub bus: Arc<EventBus>,
     pub metrics: Metrics,
     pub reservations: Mutex<HashMap<u64, Reservation>>,
-    pub next_reservation: Mutex<u64>,
+    pub next_reservation: AtomicU64,
 }
 
 impl State {
@@ -51,7 +51,7 @@ impl State {
             bus,
             metrics: Metrics::default(),
             reservations: Mutex::new(HashMap::new()),
-            next_reservation: Mutex::new(1),
+            next_reservation: AtomicU64::new(1),
             cache,
             config,
         }
