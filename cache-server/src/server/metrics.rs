@@ -111,6 +111,12 @@ impl Metrics {
         }
     }
 
+    /// Records a streamed answer that ended with an error status after
+    /// its call was answered OK (and observed as such).
+    pub fn stream_failed(&self, method: usize) {
+        self.errors[method].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The per-call and per-tenant series; the caller appends the cache's.
     pub fn render(&self, out: &mut String) {
         out.push_str("# HELP radixkv_request_seconds Latency of each gRPC call.\n");

@@ -55,6 +55,24 @@ impl Server {
     /// Opens the cache (recovering the disk tier) and starts every
     /// listener. Call from within a tokio runtime.
     pub async fn start(config: ServerConfig) -> anyhow::Result<Server> {
+        Self::start_inner(config, None).await
+    }
+
+    /// [`Server::start`] with the disk tier's file I/O going through `io`
+    /// (a fault injector in tests), so faults are seen through the gRPC
+    /// stack, its statuses and its metrics.
+    #[cfg(feature = "test-utils")]
+    pub async fn start_with_disk_io(
+        config: ServerConfig,
+        io: Arc<dyn tiers::io::FileIo>,
+    ) -> anyhow::Result<Server> {
+        Self::start_inner(config, Some(io)).await
+    }
+
+    async fn start_inner(
+        config: ServerConfig,
+        disk_io: Option<Arc<dyn tiers::io::FileIo>>,
+    ) -> anyhow::Result<Server> {
         config.validate()?;
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating {}", config.data_dir.display()))?;
@@ -62,7 +80,11 @@ impl Server {
             config.limits.event_buffer,
             config.limits.max_subscribers,
         ));
-        let cache_config = config.cache_config()?.events(bus.clone()).build()?;
+        let mut cache_config = config.cache_config()?.events(bus.clone());
+        if let Some(io) = disk_io {
+            cache_config = cache_config.disk_io(io);
+        }
+        let cache_config = cache_config.build()?;
         let cache = tokio::task::spawn_blocking(move || Cache::open(cache_config))
             .await
             .context("opening the cache")??;

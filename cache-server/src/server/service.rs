@@ -351,16 +351,18 @@ impl CacheService {
     fn load_call(&self, request: Request<LoadRequest>) -> Result<Response<BlockStream>, Status> {
         let tenant = self.state.auth.tenant(&request)?;
         let (ns, first, hashes) = self.leased_range(&tenant.name, request.get_ref())?;
-        let stream = self.stream_blocks(&tenant.name, ns, first, hashes, true);
+        let stream = self.stream_blocks("Load", &tenant.name, ns, first, hashes, true);
         Ok(Response::new(stream))
     }
 
     /// Streams pages' blocks from a blocking worker, under a pin of its own
     /// (so a lease that expires mid-stream cannot free a block being
     /// read). A page with no sound copy left ends the stream with NOT_FOUND
-    /// if `all_or_error`, or quietly (a hash-keyed Get ends at its first miss).
+    /// if `all_or_error`, or quietly (a hash-keyed Get ends at its first miss);
+    /// an error ending the stream counts against `call` in the metrics.
     fn stream_blocks(
         &self,
+        call: &'static str,
         tenant: &str,
         ns: NamespaceId,
         first: u32,
@@ -396,13 +398,17 @@ impl CacheService {
                         data: buf.freeze(),
                     },
                     Ok(None) if all_or_error => {
+                        state.metrics.stream_failed(method(call));
                         let _ = tx.blocking_send(Err(Status::not_found(format!(
-                            "page {page} is no longer cached (its copies failed their checks)"
+                            "page {page} has no readable copy (a failed check, counted in \
+                             radixkv_corrupt_blocks_total, or an I/O error, in \
+                             radixkv_io_errors_total)"
                         ))));
                         return;
                     }
                     Ok(None) => return,
                     Err(e) => {
+                        state.metrics.stream_failed(method(call));
                         let _ = tx.blocking_send(Err(e.into()));
                         return;
                     }
@@ -787,6 +793,7 @@ impl CacheService {
             return Ok(Response::new(Box::pin(tokio_stream::empty())));
         };
         Ok(Response::new(self.stream_blocks(
+            "Get",
             &tenant.name,
             ns,
             0,
