@@ -6,10 +6,12 @@
 //! - no input makes a handler panic: bad bytes and bad values are statuses;
 //! - whatever the calls did, the index's invariants hold afterwards.
 //!
-//! Input: repeated `[call byte][u16 length][body]`.
+//! Input: repeated `[call byte][u16 length][body]`. For the client-stream
+//! calls (Store, Set) the body is the raw request body: gRPC frames, so
+//! tonic's framing is fuzzed with the messages.
 
 use crate::Input;
-use ::cache_server::server::harness::{Harness, CALLS};
+use ::cache_server::server::harness::{frame, Harness, CALLS};
 use ::cache_server::server::ServerConfig;
 use prost::Message;
 use proto::v1::*;
@@ -185,7 +187,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
         .encode_to_vec(),
     );
     call(&mut s3, "Stats", Vec::new());
-    call(&mut s3, "Info", InfoRequest { scope }.encode_to_vec());
+    call(&mut s3, "Info", InfoRequest { scope: scope.clone() }.encode_to_vec());
     call(
         &mut s3,
         "Invalidate",
@@ -196,5 +198,49 @@ pub fn seeds() -> Vec<Vec<u8>> {
         .encode_to_vec(),
     );
     call(&mut s3, "Health", Vec::new());
-    vec![s1, s2, s3]
+
+    // Client streams: a store in two frames, then hash-keyed sets of a
+    // chain (the second page after the first), one with a wrong parent.
+    let fresh: Vec<u32> = (200..212).collect();
+    let mut s4 = Vec::new();
+    let mut store = frame(&StoreRequest {
+        header: Some(StoreHeader {
+            scope: scope.clone(),
+            tokens: tokens(&fresh),
+            first_page: 0,
+        }),
+        data: vec![3; 2 * BLOCK].into(),
+    });
+    store.extend(frame(&StoreRequest {
+        header: None,
+        data: vec![4; BLOCK].into(),
+    }));
+    call(&mut s4, "Store", store);
+    let seed = harness().namespace_seed().unwrap();
+    let p0: Vec<u32> = (300..304).collect();
+    let p1: Vec<u32> = (304..308).collect();
+    let (h0, h1) = (seed.chain(&p0), seed.chain(&p0).chain(&p1));
+    let set = |hash: radix_tree::PageHash, parent: Option<radix_tree::PageHash>, t: &[u32]| {
+        frame(&SetRequest {
+            scope: scope.clone(),
+            hash: hash.to_le_bytes().to_vec(),
+            parent: parent.map(|p| p.to_le_bytes().to_vec()).unwrap_or_default(),
+            tokens: tokens(t),
+            data: vec![5; BLOCK].into(),
+        })
+    };
+    let mut chain = set(h0, None, &p0);
+    chain.extend(set(h1, Some(h0), &p1));
+    call(&mut s4, "Set", chain);
+    call(&mut s4, "Set", set(h1, Some(h1), &p1));
+    call(
+        &mut s4,
+        "Exists",
+        ExistsRequest {
+            scope: scope.clone(),
+            hashes: vec![h0.to_le_bytes().to_vec(), h1.to_le_bytes().to_vec()],
+        }
+        .encode_to_vec(),
+    );
+    vec![s1, s2, s3, s4]
 }

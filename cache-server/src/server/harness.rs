@@ -1,7 +1,9 @@
 //! The service without listeners, for fuzzing and tests (feature
 //! `test-utils`): a request's bytes go through prost's decoding and the
 //! same handler a client's call reaches, and the stream answers are
-//! drained. Every outcome but a panic is fine.
+//! drained. The client-streaming calls (Store, Set) take a request body as
+//! it comes off the wire: gRPC frames (see [`frame`]) that tonic's own
+//! framing and prost decode. Every outcome but a panic is fine.
 
 use super::admin::AdminService;
 use super::config::ServerConfig;
@@ -15,10 +17,10 @@ use proto::v1::cache_server::Cache as CacheRpc;
 use proto::v1::*;
 use std::sync::Arc;
 use tokio_stream::StreamExt;
-use tonic::{Request, Status};
+use tonic::{Request, Status, Streaming};
 
 /// The calls a harness can make, by number (the fuzz input's first byte).
-pub const CALLS: [&str; 18] = [
+pub const CALLS: [&str; 20] = [
     "Info",
     "Lookup",
     "Load",
@@ -37,6 +39,8 @@ pub const CALLS: [&str; 18] = [
     "ClusterStats",
     "Invalidate",
     "LookupLeased",
+    "Store",
+    "Set",
 ];
 
 /// The service over a cache, with no sockets.
@@ -161,6 +165,8 @@ impl Harness {
                 c.health(req(HealthRequest::decode(body).map_err(bad)?))
                     .await?,
             ),
+            "Store" => drop(c.store(streaming(body, self.max_message())).await?),
+            "Set" => drop(c.set(streaming(body, self.max_message())).await?),
             "ClusterStats" => drop(
                 self.admin
                     .cluster_stats(req(ClusterStatsRequest::decode(body).map_err(bad)?))
@@ -175,7 +181,18 @@ impl Harness {
         Ok(())
     }
 
-    /// Stores a prompt's blocks directly (the harness has no Store stream).
+    /// The seed the default tenant's default namespace chains its page
+    /// hashes from (what Info answers).
+    pub fn namespace_seed(&self) -> crate::Result<radix_tree::PageHash> {
+        let ns = self
+            .state
+            .namespaces
+            .resolve(&self.state.cache, super::auth::DEFAULT_TENANT, None)
+            .map_err(|s| crate::CacheError::InvalidArgument(s.message().to_string()))?;
+        Ok(self.state.cache.index().namespace_key(ns)?.seed())
+    }
+
+    /// Stores a prompt's blocks directly, without a request body.
     pub fn store(&self, tokens: &[u32], data: &[u8]) -> crate::Result<()> {
         let ns = self
             .state
@@ -189,4 +206,139 @@ impl Harness {
 
 fn req<T>(m: T) -> Request<T> {
     Request::new(m)
+}
+
+impl Harness {
+    fn max_message(&self) -> usize {
+        self.state.config.limits.max_message_bytes
+    }
+}
+
+/// A client stream as the server receives it: `body` is the raw request
+/// body, decoded by tonic's framing and prost as on the wire.
+fn streaming<T: Message + Default + Send + 'static>(
+    body: &[u8],
+    max_message: usize,
+) -> Request<Streaming<T>> {
+    let body = tonic::body::Body::new(http_body_util::Full::new(bytes::Bytes::copy_from_slice(
+        body,
+    )));
+    Request::new(Streaming::new_request(
+        tonic_prost::ProstDecoder::<T>::default(),
+        body,
+        None,
+        Some(max_message),
+    ))
+}
+
+/// One message as a gRPC frame (uncompressed): what a client stream's body
+/// is made of.
+pub fn frame(message: &impl Message) -> Vec<u8> {
+    let body = message.encode_to_vec();
+    let mut out = Vec::with_capacity(5 + body.len());
+    out.push(0);
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use radix_tree::Tier;
+
+    const PAGE: usize = 4;
+    const BLOCK: usize = 256;
+
+    fn harness() -> Harness {
+        Harness::new(ServerConfig {
+            page_size: PAGE,
+            block_bytes: BLOCK,
+            host_bytes: 32 * BLOCK,
+            disk_bytes: 0,
+            ..ServerConfig::default()
+        })
+        .unwrap()
+    }
+
+    fn call_no(name: &str) -> u8 {
+        CALLS.iter().position(|c| *c == name).unwrap() as u8
+    }
+
+    fn tokens(t: std::ops::Range<u32>) -> Vec<u8> {
+        t.flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    fn host_pages(h: &Harness) -> u64 {
+        h.cache().index().tier_pages(Tier::Host)
+    }
+
+    /// The client-stream calls decode frames as tonic does on the wire:
+    /// a store split over two frames lands whole, a hash-keyed chain lands,
+    /// and broken bodies are statuses, not panics.
+    #[tokio::test]
+    async fn client_streams_go_through_tonic_framing() {
+        let h = harness();
+        let mut store = frame(&StoreRequest {
+            header: Some(StoreHeader {
+                scope: None,
+                tokens: tokens(0..12),
+                first_page: 0,
+            }),
+            data: vec![1; 2 * BLOCK].into(),
+        });
+        store.extend(frame(&StoreRequest {
+            header: None,
+            data: vec![2; BLOCK].into(),
+        }));
+        h.call(call_no("Store"), &store).await.unwrap();
+        assert_eq!(host_pages(&h), 3);
+
+        let seed = h.namespace_seed().unwrap();
+        let (p0, p1): (Vec<u32>, Vec<u32>) = ((100..104).collect(), (104..108).collect());
+        let (h0, h1) = (seed.chain(&p0), seed.chain(&p0).chain(&p1));
+        let set = |hash: radix_tree::PageHash, parent: Option<radix_tree::PageHash>, t: &[u32]| {
+            frame(&SetRequest {
+                scope: None,
+                hash: hash.to_le_bytes().to_vec(),
+                parent: parent.map(|p| p.to_le_bytes().to_vec()).unwrap_or_default(),
+                tokens: t.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                data: vec![3; BLOCK].into(),
+            })
+        };
+        let mut chain = set(h0, None, &p0);
+        chain.extend(set(h1, Some(h0), &p1));
+        h.call(call_no("Set"), &chain).await.unwrap();
+        assert_eq!(host_pages(&h), 5);
+        // A page whose tokens do not chain to its hash is refused.
+        let wrong = set(seed.chain(&p1), None, &p0);
+        assert!(h.call(call_no("Set"), &wrong).await.is_err());
+        assert_eq!(host_pages(&h), 5);
+
+        // Broken bodies: a frame cut short, a compressed flag with no
+        // compression agreed, a length past the message limit, garbage.
+        let cut = &store[..store.len() - 7];
+        let mut compressed = store.clone();
+        compressed[0] = 1;
+        let mut huge = vec![0u8];
+        huge.extend_from_slice(&u32::MAX.to_be_bytes());
+        for (what, body) in [
+            ("cut", cut.to_vec()),
+            ("compressed", compressed),
+            ("huge", huge),
+            ("garbage", vec![0xff; 40]),
+            ("empty", Vec::new()),
+        ] {
+            for c in ["Store", "Set"] {
+                let r = h.call(call_no(c), &body).await;
+                if c == "Set" && what == "empty" {
+                    assert!(r.is_ok(), "an empty Set stores nothing");
+                } else {
+                    assert!(r.is_err(), "{c} of a {what} body: {r:?}");
+                }
+            }
+        }
+        assert_eq!(host_pages(&h), 5, "nothing half-stored");
+        h.cache().index().check_invariants();
+    }
 }
