@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 pub use cache_server::client::{Client, Scope};
 
+pub mod audit;
+
 /// Tokens per page in these tests.
 pub const PAGE: usize = 4;
 /// Bytes per block in these tests.
