@@ -377,31 +377,10 @@ impl Client {
         let r = self
             .cache
             .clone()
-            .lookup(pb::LookupRequest {
-                scope: Some(scope.wire()),
-                tokens: wire_tokens(tokens),
-                lease_ms: lease_ms.unwrap_or(0),
-                prefetch,
-            })
+            .lookup(lookup_request(scope, tokens, lease_ms, prefetch))
             .await?
             .into_inner();
-        if r.hashes.len() != r.pages as usize * 16 {
-            return Err(ClientError::Protocol("hashes do not match pages".into()));
-        }
-        Ok(LookupReply {
-            pages: r.pages as usize,
-            tokens: r.tokens as usize,
-            tiers: r.tiers.iter().map(|&t| to_tier(t)).collect(),
-            hashes: r
-                .hashes
-                .chunks_exact(16)
-                .map(hash_of)
-                .collect::<Result<_>>()?,
-            lease: (r.lease_id != 0).then_some(LeaseHandle {
-                id: r.lease_id,
-                expires_ms: r.lease_expires_ms,
-            }),
-        })
+        lookup_reply(r)
     }
 
     /// Streams pages `first..first + pages` of a lease (0 pages: to its end).
@@ -728,6 +707,40 @@ impl Client {
             .into_inner()
             .removed_pages)
     }
+}
+
+pub(crate) fn lookup_request(
+    scope: &Scope,
+    tokens: &[u32],
+    lease_ms: Option<u64>,
+    prefetch: bool,
+) -> pb::LookupRequest {
+    pb::LookupRequest {
+        scope: Some(scope.wire()),
+        tokens: wire_tokens(tokens),
+        lease_ms: lease_ms.unwrap_or(0),
+        prefetch,
+    }
+}
+
+pub(crate) fn lookup_reply(r: pb::LookupResponse) -> Result<LookupReply> {
+    if r.hashes.len() != r.pages as usize * 16 {
+        return Err(ClientError::Protocol("hashes do not match pages".into()));
+    }
+    Ok(LookupReply {
+        pages: r.pages as usize,
+        tokens: r.tokens as usize,
+        tiers: r.tiers.iter().map(|&t| to_tier(t)).collect(),
+        hashes: r
+            .hashes
+            .chunks_exact(16)
+            .map(hash_of)
+            .collect::<Result<_>>()?,
+        lease: (r.lease_id != 0).then_some(LeaseHandle {
+            id: r.lease_id,
+            expires_ms: r.lease_expires_ms,
+        }),
+    })
 }
 
 fn tenant_stats(r: pb::StatsResponse) -> TenantStats {

@@ -35,6 +35,7 @@ mod cache;
 pub mod client;
 mod config;
 mod error;
+pub mod local;
 pub mod meta;
 pub mod server;
 

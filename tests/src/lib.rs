@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub use cache_server::client::{Client, Scope};
+pub use cache_server::local::LocalClient;
 
 pub mod audit;
 
@@ -48,6 +49,8 @@ pub struct ServerProcess {
     pub dir: PathBuf,
     pub tcp: SocketAddr,
     pub unix: PathBuf,
+    /// The local socket (`cache_server::local`).
+    pub local: PathBuf,
     pub metrics: SocketAddr,
     config_text: String,
 }
@@ -107,6 +110,7 @@ impl ServerProcess {
         ServerProcess {
             tcp: field("tcp").parse().unwrap(),
             unix: PathBuf::from(field("unix")),
+            local: PathBuf::from(field("local")),
             metrics: field("metrics").parse().unwrap(),
             child: Some(child),
             dir,
@@ -127,6 +131,11 @@ impl ServerProcess {
 
     pub async fn tcp_client(&self, token: Option<&str>) -> Client {
         Client::connect(&self.tcp.to_string(), token).await.unwrap()
+    }
+
+    /// A blocking client of the local socket.
+    pub fn local_client(&self, token: Option<&str>) -> LocalClient {
+        LocalClient::connect(&self.local, token).unwrap()
     }
 
     pub async fn unix_client(&self, token: Option<&str>) -> Client {

@@ -17,6 +17,12 @@ pub struct ServerConfig {
     pub listen: Option<SocketAddr>,
     /// Unix socket of the gRPC service (default `<data_dir>/radixkv.sock`).
     pub unix_socket: Option<PathBuf>,
+    /// The local socket: Lookup, Release, Renew and Health without HTTP/2,
+    /// for engines on this machine (see `cache_server::local`); default
+    /// `<data_dir>/radixkv-local.sock`.
+    pub local_socket: Option<PathBuf>,
+    /// Serve the local socket (on by default).
+    pub serve_local_socket: bool,
     /// Prometheus `/metrics` and `/health` over HTTP; `None` for none.
     pub metrics_listen: Option<SocketAddr>,
     /// Where the disk tier and the socket live.
@@ -104,6 +110,8 @@ impl Default for ServerConfig {
         Self {
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 50051))),
             unix_socket: None,
+            local_socket: None,
+            serve_local_socket: true,
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
             data_dir: PathBuf::from("radixkv-data"),
             page_size: 16,
@@ -136,6 +144,14 @@ impl ServerConfig {
         self.unix_socket
             .clone()
             .unwrap_or_else(|| self.data_dir.join("radixkv.sock"))
+    }
+
+    pub fn local_socket_path(&self) -> Option<PathBuf> {
+        self.serve_local_socket.then(|| {
+            self.local_socket
+                .clone()
+                .unwrap_or_else(|| self.data_dir.join("radixkv-local.sock"))
+        })
     }
 
     /// Checks the settings that do not depend on the cache: security

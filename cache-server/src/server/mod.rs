@@ -12,6 +12,7 @@ mod events;
 pub mod harness;
 mod http;
 mod leases;
+mod local;
 mod metrics;
 mod namespaces;
 mod service;
@@ -44,6 +45,8 @@ use tonic::transport::{Identity, ServerTlsConfig};
 pub struct Server {
     pub tcp: Option<SocketAddr>,
     pub unix: Option<PathBuf>,
+    /// The local socket (`cache_server::local`).
+    pub local: Option<PathBuf>,
     pub metrics: Option<SocketAddr>,
     state: Arc<State>,
     stop: watch::Sender<bool>,
@@ -135,6 +138,18 @@ impl Server {
         )));
 
         let mut background = Vec::new();
+        let local_path = config.local_socket_path();
+        if let Some(path) = &local_path {
+            let _ = std::fs::remove_file(path);
+            let listener = tokio::net::UnixListener::bind(path)
+                .with_context(|| format!("binding {}", path.display()))?;
+            background.push(tokio::spawn(local::serve(
+                listener,
+                service::CacheService::new(state.clone()),
+                max,
+                stopped.clone(),
+            )));
+        }
         let mut metrics = None;
         if let Some(addr) = config.metrics_listen {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -157,6 +172,7 @@ impl Server {
         Ok(Server {
             tcp,
             unix: Some(unix_path),
+            local: local_path,
             metrics,
             state,
             stop,
@@ -173,6 +189,9 @@ impl Server {
         }
         if let Some(p) = &self.unix {
             let _ = write!(line, " unix={}", p.display());
+        }
+        if let Some(p) = &self.local {
+            let _ = write!(line, " local={}", p.display());
         }
         if let Some(a) = self.metrics {
             let _ = write!(line, " metrics={a}");
@@ -203,7 +222,7 @@ impl Server {
         for b in self.background {
             b.abort();
         }
-        if let Some(p) = &self.unix {
+        for p in [&self.unix, &self.local].into_iter().flatten() {
             let _ = std::fs::remove_file(p);
         }
         let cache = self.state.cache.clone();

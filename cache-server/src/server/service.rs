@@ -213,6 +213,11 @@ impl CacheRpc for CacheService {
 }
 
 impl CacheService {
+    /// UNAUTHENTICATED unless the request's token names a tenant.
+    pub(super) fn authenticate<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        self.state.auth.tenant(request).map(drop)
+    }
+
     fn info_call(&self, request: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
         let s = &self.state;
         let tenant = s.auth.tenant(&request)?;
