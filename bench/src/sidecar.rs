@@ -19,6 +19,7 @@ use crate::report::Percentiles;
 use anyhow::{ensure, Context, Result};
 use bytes::Bytes;
 use cache_server::client::{Client, Scope, SharedTier};
+use cache_server::local::LocalClient;
 use cache_server::server::{Server, ServerConfig};
 use serde::Serialize;
 use std::path::PathBuf;
@@ -73,6 +74,10 @@ pub struct SidecarArgs {
     /// 4096, room for the prompt; the server's default tenant).
     #[arg(long)]
     pub connect: Option<String>,
+    /// Lookup: with `--connect`, also measure that server's local socket
+    /// (`cache_server::local`) at this path.
+    #[arg(long)]
+    pub connect_local: Option<PathBuf>,
     /// Worker threads of the runtime the server and the clients share.
     #[arg(long, default_value_t = 2)]
     pub worker_threads: usize,
@@ -93,6 +98,16 @@ struct LookupResult {
     prompt_tokens: usize,
     /// An empty call (Health): the transport's own round trip, measured
     /// in the same run as the floor the lookup is compared with.
+    health: Percentiles,
+    lookup: Percentiles,
+    lookup_with_lease: Percentiles,
+    /// The same three calls over the local socket (no HTTP/2), measured in
+    /// blocks alternating with the gRPC ones.
+    local: Option<LocalLookup>,
+}
+
+#[derive(Debug, Serialize)]
+struct LocalLookup {
     health: Percentiles,
     lookup: Percentiles,
     lookup_with_lease: Percentiles,
@@ -188,11 +203,11 @@ pub fn run(args: &SidecarArgs) -> Result<()> {
         let pages = args.prompt_tokens / ps;
         results.lookup = Some(runtime.block_on(async {
             if let Some(target) = &args.connect {
-                return lookup_latency(args, target, ps, bb).await;
+                return lookup_latency(args, target, args.connect_local.clone(), ps, bb).await;
             }
             let server = start_server(dir.path(), ps, bb, (pages + 64) * bb).await?;
             let unix = format!("unix:{}", server.unix.as_ref().unwrap().display());
-            let r = lookup_latency(args, &unix, ps, bb).await;
+            let r = lookup_latency(args, &unix, server.local.clone(), ps, bb).await;
             server.shutdown().await?;
             r
         })?);
@@ -223,6 +238,7 @@ pub fn run(args: &SidecarArgs) -> Result<()> {
 async fn lookup_latency(
     args: &SidecarArgs,
     target: &str,
+    local: Option<PathBuf>,
     ps: usize,
     bb: usize,
 ) -> Result<LookupResult> {
@@ -232,35 +248,100 @@ async fn lookup_latency(
     let tokens: Vec<u32> = (0..args.prompt_tokens as u32).collect();
     let data = Bytes::from(vec![7u8; pages * bb]);
     client.store(&scope, &tokens, 0, data, bb).await?;
-    let mut plain = Vec::with_capacity(args.lookups);
-    let mut leased = Vec::with_capacity(args.lookups / 4);
-    let mut health = Vec::with_capacity(args.lookups / 4);
-    for i in 0..args.lookups + 1000 {
-        let t = Instant::now();
-        let hit = client.lookup(&scope, &tokens, None, false).await?;
-        let took = t.elapsed().as_nanos() as u64;
-        ensure!(hit.pages == pages, "the prompt is cached");
-        if i >= 1000 {
-            plain.push(took);
-        }
-        if i % 4 == 1 {
+    let mut grpc = [Vec::new(), Vec::new(), Vec::new()];
+    let mut over_local = [Vec::new(), Vec::new(), Vec::new()];
+    let mut local = match local {
+        Some(path) => Some(LocalClient::connect(path, None)?),
+        None => None,
+    };
+    // Blocks of calls alternate between the transports, so both see the
+    // same moments of a noisy machine; each block's first calls warm up.
+    const BLOCK: usize = 1000;
+    const WARMUP: usize = 100;
+    for _ in 0..args.lookups.div_ceil(BLOCK) {
+        for i in 0..BLOCK + WARMUP {
             let t = Instant::now();
-            client.health().await?;
-            health.push(t.elapsed().as_nanos() as u64);
+            let hit = client.lookup(&scope, &tokens, None, false).await?;
+            let took = t.elapsed().as_nanos() as u64;
+            ensure!(hit.pages == pages, "the prompt is cached");
+            if i < WARMUP {
+                continue;
+            }
+            grpc[1].push(took);
+            if i % 4 == 1 {
+                let t = Instant::now();
+                client.health().await?;
+                grpc[0].push(t.elapsed().as_nanos() as u64);
+            }
+            if i % 4 == 0 {
+                let t = Instant::now();
+                let hit = client.lookup(&scope, &tokens, Some(5_000), false).await?;
+                client.release(hit.lease.unwrap()).await?;
+                grpc[2].push(t.elapsed().as_nanos() as u64);
+            }
         }
-        if i % 4 == 0 {
-            let t = Instant::now();
-            let hit = client.lookup(&scope, &tokens, Some(5_000), false).await?;
-            client.release(hit.lease.unwrap()).await?;
-            leased.push(t.elapsed().as_nanos() as u64);
+        if let Some(c) = local.take() {
+            // A blocking client: off the runtime's workers, which the
+            // server in this process needs.
+            let (scope, tokens) = (scope.clone(), tokens.clone());
+            let (c, samples) = tokio::task::spawn_blocking(move || {
+                local_block(c, &scope, &tokens, pages, BLOCK, WARMUP)
+            })
+            .await??;
+            for (all, block) in over_local.iter_mut().zip(samples) {
+                all.extend(block);
+            }
+            local = Some(c);
         }
     }
+    let [health, lookup, leased] = grpc;
+    let [l_health, l_lookup, l_leased] = over_local;
     Ok(LookupResult {
         prompt_tokens: args.prompt_tokens,
         health: Percentiles::of(health),
-        lookup: Percentiles::of(plain),
+        lookup: Percentiles::of(lookup),
         lookup_with_lease: Percentiles::of(leased),
+        local: (!l_lookup.is_empty()).then(|| LocalLookup {
+            health: Percentiles::of(l_health),
+            lookup: Percentiles::of(l_lookup),
+            lookup_with_lease: Percentiles::of(l_leased),
+        }),
     })
+}
+
+/// One block of local-socket calls: (health, lookup, lookup+lease+release)
+/// latencies in nanoseconds, after `warmup` unmeasured lookups.
+fn local_block(
+    mut c: LocalClient,
+    scope: &Scope,
+    tokens: &[u32],
+    pages: usize,
+    calls: usize,
+    warmup: usize,
+) -> Result<(LocalClient, [Vec<u64>; 3])> {
+    let mut out = [Vec::new(), Vec::new(), Vec::new()];
+    for i in 0..calls + warmup {
+        let t = Instant::now();
+        let hit = c.lookup(scope, tokens, None, false)?;
+        let took = t.elapsed().as_nanos() as u64;
+        ensure!(hit.pages == pages, "the prompt is cached");
+        if i < warmup {
+            continue;
+        }
+        out[1].push(took);
+        if i % 4 == 1 {
+            let t = Instant::now();
+            c.health()?;
+            out[0].push(t.elapsed().as_nanos() as u64);
+        }
+        if i % 4 == 0 {
+            let t = Instant::now();
+            let hit = c.lookup(scope, tokens, Some(5_000), false)?;
+            c.release(hit.lease.unwrap())?;
+            out[2].push(t.elapsed().as_nanos() as u64);
+        }
+    }
+    Ok((c, out))
 }
 
 /// Bytes per second of `threads` threads each running `work` (which
@@ -668,30 +749,50 @@ fn table(r: &Results) -> String {
         );
         let _ = writeln!(
             out,
-            "  {:<18} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "  {:<22} {:>9} {:>9} {:>9} {:>9} {:>9}",
             "call", "p50 us", "p90 us", "p99 us", "p999 us", "max us"
         );
-        for (name, p) in [
-            ("health (floor)", &l.health),
-            ("lookup", &l.lookup),
-            ("lookup+lease+rel", &l.lookup_with_lease),
-        ] {
+        let mut rows = vec![
+            ("grpc health (floor)", &l.health),
+            ("grpc lookup", &l.lookup),
+            ("grpc lookup+lease+rel", &l.lookup_with_lease),
+        ];
+        if let Some(local) = &l.local {
+            rows.extend([
+                ("local health (floor)", &local.health),
+                ("local lookup", &local.lookup),
+                ("local lookup+lease+rel", &local.lookup_with_lease),
+            ]);
+        }
+        for (name, p) in rows {
             let _ = writeln!(
                 out,
-                "  {name:<18} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
+                "  {name:<22} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
                 p.p50_us, p.p90_us, p.p99_us, p.p999_us, p.max_us
             );
         }
-        let _ = writeln!(
-            out,
-            "  lookup p50 {}; {:.1}x the empty call's",
-            if l.lookup.p50_us <= 100.0 {
+        let verdict = |p50: f64| {
+            if p50 <= 100.0 {
                 "meets the target"
             } else {
                 "MISSES the target"
-            },
+            }
+        };
+        let _ = writeln!(
+            out,
+            "  grpc lookup p50 {}; {:.1}x its empty call's",
+            verdict(l.lookup.p50_us),
             l.lookup.p50_us / l.health.p50_us
         );
+        if let Some(local) = &l.local {
+            let _ = writeln!(
+                out,
+                "  local lookup p50 {}; {:.1}x its empty call's, {:.2}x the grpc lookup's",
+                verdict(local.lookup.p50_us),
+                local.lookup.p50_us / local.health.p50_us,
+                local.lookup.p50_us / l.lookup.p50_us
+            );
+        }
     }
     if !r.load.is_empty() {
         let _ = writeln!(
