@@ -11,7 +11,7 @@ use std::path::PathBuf;
 #[command(
     name = "radixkv-server",
     version,
-    about = "radixkv's KV-cache sidecar (gRPC on TCP and a Unix socket, Prometheus metrics)."
+    about = "radixkv's KV-cache sidecar (gRPC on TCP and a Unix socket, a local socket for lookups, Prometheus metrics)."
 )]
 struct Flags {
     /// TOML settings file (see the README for every field).
@@ -26,6 +26,13 @@ struct Flags {
     /// gRPC over this Unix socket (default <data-dir>/radixkv.sock).
     #[arg(long)]
     unix_socket: Option<PathBuf>,
+    /// The local socket, Lookup/Release/Renew/Health without HTTP/2 for
+    /// engines on this machine (default <data-dir>/radixkv-local.sock).
+    #[arg(long)]
+    local_socket: Option<PathBuf>,
+    /// Serve no local socket.
+    #[arg(long)]
+    no_local_socket: bool,
     /// Prometheus /metrics and /health (default 127.0.0.1:9464).
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
@@ -82,7 +89,10 @@ fn main() -> anyhow::Result<()> {
             }
         )*};
     }
-    set!(listen, unix_socket, metrics_listen, shm_path);
+    set!(listen, unix_socket, local_socket, metrics_listen, shm_path);
+    if flags.no_local_socket {
+        config.serve_local_socket = false;
+    }
     if let Some(v) = flags.data_dir.clone() {
         config.data_dir = v;
     }

@@ -6,12 +6,15 @@
 - :mod:`radixkv.hashing`: the chained page hashes the server names pages by.
 - :mod:`radixkv.shm`: maps the server's shared-memory host tier for
   zero-copy loads and in-place stores.
+- :class:`LocalClient` (:mod:`radixkv.local`): Lookup, Release, Renew and
+  Health over the server's local socket, without HTTP/2.
 
 Set up with ``scripts/python-client`` (it generates the gRPC stubs).
 """
 
-from . import errors, hashing, shm
+from . import errors, hashing, local, shm
 from .client import Client, EventStream
+from .local import LocalClient
 from .errors import *  # noqa: F403
 from .errors import RadixKvError
 from .hashing import chain, namespace_seed, page_hashes
@@ -42,6 +45,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Client",
     "EventStream",
+    "LocalClient",
     "RadixKvError",
     "SharedMemory",
     "ShmFormatError",
@@ -51,6 +55,7 @@ __all__ = [
     "page_hashes",
     "errors",
     "hashing",
+    "local",
     "shm",
     "Block",
     "ClusterStats",

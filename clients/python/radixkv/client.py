@@ -311,19 +311,7 @@ class Client:
         until :meth:`release` or expiry); ``prefetch`` starts copying
         disk-only pages up."""
         req = pb.LookupRequest(scope=self._scope(model, adapter), tokens=_wire_tokens(tokens), lease_ms=lease_ms, prefetch=prefetch)
-        r = self._unary("Lookup", self._cache.Lookup, req, timeout)
-        h = r.hashes
-        return Lookup(
-            pages=r.pages,
-            tokens=r.tokens,
-            tiers=[_tier(t) for t in r.tiers],
-            device_pages=r.device_pages,
-            host_pages=r.host_pages,
-            disk_pages=r.disk_pages,
-            hashes=[h[i : i + hashing.HASH_BYTES] for i in range(0, len(h), hashing.HASH_BYTES)],
-            lease_id=r.lease_id,
-            lease_expires_ms=r.lease_expires_ms,
-        )
+        return _lookup(self._unary("Lookup", self._cache.Lookup, req, timeout))
 
     def iter_load(self, lease_id: int, first_page: int = 0, pages: int = 0, *, timeout: Optional[float] = None) -> Iterator[Block]:
         """Streams the blocks of a leased range (``pages=0``: to the end of
@@ -668,6 +656,21 @@ def _stats(r: Any) -> Stats:
         quota_pages=r.quota_pages,
     )
 
+
+
+def _lookup(r: Any) -> Lookup:
+    h = r.hashes
+    return Lookup(
+        pages=r.pages,
+        tokens=r.tokens,
+        tiers=[_tier(t) for t in r.tiers],
+        device_pages=r.device_pages,
+        host_pages=r.host_pages,
+        disk_pages=r.disk_pages,
+        hashes=[h[i : i + hashing.HASH_BYTES] for i in range(0, len(h), hashing.HASH_BYTES)],
+        lease_id=r.lease_id,
+        lease_expires_ms=r.lease_expires_ms,
+    )
 
 
 def _wire_tokens(tokens: Sequence[int]) -> bytes:

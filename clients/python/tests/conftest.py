@@ -62,6 +62,7 @@ class Server:
     shm_path: Path
     log: Path
     stdout: List[str] = field(default_factory=list)
+    local: Optional[str] = None
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -153,7 +154,7 @@ def start_server(
         if line.startswith("READY"):
             ready = line
     fields: Dict[str, str] = dict(kv.split("=", 1) for kv in ready.split()[1:])
-    return Server(proc, fields["tcp"], fields.get("unix"), fields.get("metrics"), shm_path, log, seen)
+    return Server(proc, fields["tcp"], fields.get("unix"), fields.get("metrics"), shm_path, log, seen, fields.get("local"))
 
 
 @pytest.fixture(scope="session")
