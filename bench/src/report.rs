@@ -272,7 +272,7 @@ impl Report {
     }
 }
 
-/// Latency percentiles, in microseconds.
+/// Latency percentiles, in microseconds, and the CDF they come from.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Percentiles {
     pub samples: usize,
@@ -281,23 +281,41 @@ pub struct Percentiles {
     pub p99_us: f64,
     pub p999_us: f64,
     pub max_us: f64,
+    /// `[quantile, microseconds]` at [`CDF_QUANTILES`] (those the samples
+    /// can resolve): what a latency CDF chart draws.
+    pub cdf: Vec<[f64; 2]>,
 }
 
+/// The quantiles a [`Percentiles::cdf`] keeps: every 5% through the body,
+/// then denser into the tail, and the maximum.
+pub const CDF_QUANTILES: [f64; 29] = [
+    0.0, 0.01, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75,
+    0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 0.99, 0.995, 0.998, 0.999, 0.9999, 1.0,
+];
+
 impl Percentiles {
-    /// Percentiles of latencies given in nanoseconds.
+    /// Percentiles of latencies given in nanoseconds (at least one).
     pub fn of(mut ns: Vec<u64>) -> Self {
+        assert!(!ns.is_empty(), "percentiles of no samples");
         ns.sort_unstable();
         let at = |q: f64| {
             let i = ((ns.len() as f64 * q).ceil() as usize).clamp(1, ns.len()) - 1;
             ns[i] as f64 / 1e3
         };
+        // A tail quantile needs enough samples to differ from the maximum.
+        let resolvable = |q: f64| q == 1.0 || (1.0 - q) * ns.len() as f64 >= 1.0 - 1e-9;
         Self {
             samples: ns.len(),
             p50_us: at(0.50),
             p90_us: at(0.90),
             p99_us: at(0.99),
             p999_us: at(0.999),
-            max_us: ns.last().map_or(0.0, |&x| x as f64 / 1e3),
+            max_us: at(1.0),
+            cdf: CDF_QUANTILES
+                .iter()
+                .filter(|&&q| resolvable(q))
+                .map(|&q| [q, at(q)])
+                .collect(),
         }
     }
 }

@@ -15,7 +15,7 @@
 //!   process's memory against the configured caps.
 
 use crate::peer_redis::RedisServer;
-use crate::report::Percentiles;
+use crate::report::{self, Percentiles, RunInfo};
 use anyhow::{ensure, Context, Result};
 use bytes::Bytes;
 use cache_server::client::{Client, Scope, SharedTier};
@@ -27,14 +27,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Part {
     Lookup,
     Load,
     Mixed,
 }
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, clap::Args, Serialize)]
 pub struct SidecarArgs {
     /// Run one part only.
     #[arg(long, value_enum)]
@@ -81,9 +82,21 @@ pub struct SidecarArgs {
     /// Worker threads of the runtime the server and the clients share.
     #[arg(long, default_value_t = 2)]
     pub worker_threads: usize,
-    /// Write the results as JSON to this file.
+    /// Write the results as JSON to this file (with the commit, the
+    /// configuration and the machine), and the latency CDF chart beside it
+    /// (extension .svg) unless --svg says where.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Write the latency CDF chart (SVG) here.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+}
+
+/// What `--json` writes.
+#[derive(Debug, Serialize)]
+struct Report {
+    run: RunInfo,
+    results: Results,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -229,8 +242,16 @@ pub fn run(args: &SidecarArgs) -> Result<()> {
         results.mixed = Some(runtime.block_on(mixed(args))?);
     }
     print!("{}", table(&results));
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&results)?)?;
+    let report = Report {
+        run: RunInfo::collect(serde_json::to_value(args)?),
+        results,
+    };
+    let chart = crate::chart::sidecar_cdf(&serde_json::to_value(&report)?);
+    if !chart.series.is_empty() {
+        report::write_outputs(&report, &chart, args.json.as_deref(), args.svg.as_deref())?;
+    } else if let Some(path) = &args.json {
+        // Load throughput only: no latencies to chart.
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
     }
     Ok(())
 }
