@@ -12,7 +12,9 @@ use crate::forward::{forward, Chunk, PAGE_SIZES};
 use crate::gguf::default_model_path;
 use crate::kv::{as_f32, KvLayout, PrivatePages};
 use crate::model::Model;
-use crate::store::{CachedPrefix, EmbeddedStore, KvNamespace, KvStore, PageBytes, RemoteStore};
+use crate::store::{
+    CachedPrefix, EmbeddedStore, KvNamespace, KvStore, PageBytes, RemoteStore, Stored,
+};
 use crate::tokenizer::Tokenizer;
 use cache_server::{Cache, CacheConfig};
 use std::borrow::Cow;
@@ -198,9 +200,13 @@ pub struct EngineStats {
     pub cached_tokens: AtomicU64,
     pub computed_tokens: AtomicU64,
     pub stored_pages: AtomicU64,
+    /// Pages handed to the store: each whole page once, unless the cache
+    /// lost an earlier one meanwhile (then the sequence's pages go again).
+    pub sent_pages: AtomicU64,
     /// Lookups that failed (the prompt was computed cold).
     pub lookup_errors: AtomicU64,
-    /// Stores that failed (the pages stay private to their sequence).
+    /// Stores that failed (that sequence stores no more: its pages stay
+    /// private).
     pub store_errors: AtomicU64,
 }
 
@@ -225,8 +231,10 @@ pub struct Sequence {
     cached: usize,
     /// The block table's own part: pages from `cached` on.
     private: PrivatePages,
-    /// Whole pages known to be in the cache.
+    /// Whole pages handed to the cache (from `cached` on, its own).
     stored_upto: usize,
+    /// A store failed: the sequence stores no more.
+    store_failed: bool,
     stored_pages: usize,
     computed_prompt: usize,
     finish: Option<FinishReason>,
@@ -453,6 +461,7 @@ impl Engine {
             prefix,
             private: PrivatePages::new(cached, &self.layout),
             stored_upto: cached,
+            store_failed: false,
             cached,
             tokens,
             stored_pages: 0,
@@ -603,27 +612,41 @@ impl Engine {
         }
     }
 
-    /// Stores the sequence's whole pages that the cache does not have yet.
+    /// Hands the cache the sequence's whole pages it has not handed yet,
+    /// each once: the store is told they follow the pages handed before.
+    /// If the cache lost one of those meanwhile, the sequence's own pages
+    /// go again from its first (the ones before are leased, so cached).
     fn store_full_pages(&self, seq: &mut Sequence, ps: usize) {
         let Some(ns) = &seq.ns else { return };
         let full = seq.kv_len / ps;
-        if full <= seq.stored_upto {
+        if full <= seq.stored_upto || seq.store_failed {
             return;
         }
+        let tokens = &seq.tokens[..full * ps];
         let first = seq.private.first_page();
-        let data = seq.private.bytes(first..full);
-        match ns.store(&seq.tokens[..full * ps], first, data) {
-            Ok(stored) => {
+        let mut from = seq.stored_upto;
+        let outcome = loop {
+            self.stats
+                .sent_pages
+                .fetch_add((full - from) as u64, Ordering::Relaxed);
+            match ns.store(tokens, from, seq.private.bytes(from..full)) {
+                Ok(Stored::PrefixMissing) if from > first => from = first,
+                other => break other,
+            }
+        };
+        match outcome {
+            Ok(Stored::Pages(stored)) => {
                 seq.stored_pages += stored;
                 self.stats
                     .stored_pages
                     .fetch_add(stored as u64, Ordering::Relaxed);
+                seq.stored_upto = full;
             }
-            Err(_) => {
+            Ok(Stored::PrefixMissing) | Err(_) => {
                 self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                seq.store_failed = true;
             }
         }
-        seq.stored_upto = full;
     }
 
     /// The logits of the token after `prompt`, computed without the cache.

@@ -36,6 +36,8 @@
 //!   without holding a lease on it;
 //! - fail a request because the cache failed: a failed lookup computes the
 //!   prompt cold, a failed store leaves the pages private;
+//! - hand the cache a sequence's page more than once, unless the cache
+//!   lost a page before it meanwhile;
 //! - load weights or data from anywhere but the local model file.
 
 mod engine;
@@ -60,5 +62,7 @@ pub use gguf::{default_model_path, ModelConfig};
 pub use kv::KvLayout;
 pub use model::Model;
 pub use scheduler::{Event, Scheduler, SchedulerConfig, SchedulerStats};
-pub use store::{CachedPrefix, EmbeddedStore, KvNamespace, KvStore, PageBytes, RemoteStore};
+pub use store::{
+    CachedPrefix, EmbeddedStore, KvNamespace, KvStore, PageBytes, RemoteStore, Stored,
+};
 pub use tokenizer::Tokenizer;

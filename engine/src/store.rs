@@ -6,7 +6,7 @@
 //! host tier).
 
 use crate::error::{EngineError, Result};
-use cache_server::client::{Client, LeaseHandle, Scope, ServerInfo, SharedTier};
+use cache_server::client::{Client, Code, LeaseHandle, Scope, ServerInfo, SharedTier};
 use cache_server::{Cache, LookupOptions};
 use radix_tree::{Lease, NamespaceId, PageHash};
 use std::fmt::Debug;
@@ -34,8 +34,20 @@ pub trait KvNamespace: Send + Sync + Debug {
     /// most `ttl`; `None` when nothing is cached.
     fn lookup(&self, tokens: &[u32], ttl: Duration) -> Result<Option<Box<dyn CachedPrefix>>>;
     /// Stores pages `first_page..` of `tokens` (whole pages; `data` holds
-    /// their blocks back to back); returns the pages newly stored.
-    fn store(&self, tokens: &[u32], first_page: usize, data: &[u8]) -> Result<usize>;
+    /// their blocks back to back, and only theirs: the pages before must
+    /// be cached already).
+    fn store(&self, tokens: &[u32], first_page: usize, data: &[u8]) -> Result<Stored>;
+}
+
+/// What a [`KvNamespace::store`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// The pages before `first_page` are cached, and this many of the
+    /// pages given were newly stored (the rest were cached already).
+    Pages(usize),
+    /// A page before `first_page` is not cached (evicted since it was
+    /// stored): nothing was stored.
+    PrefixMissing,
 }
 
 /// A leased cached prefix: its pages stay readable until it is dropped,
@@ -145,11 +157,13 @@ impl KvNamespace for EmbeddedNs {
         }))
     }
 
-    fn store(&self, tokens: &[u32], first_page: usize, data: &[u8]) -> Result<usize> {
-        Ok(self
-            .cache
-            .store(self.ns, tokens, first_page, data)?
-            .stored_pages)
+    fn store(&self, tokens: &[u32], first_page: usize, data: &[u8]) -> Result<Stored> {
+        let out = self.cache.store(self.ns, tokens, first_page, data)?;
+        Ok(if out.cached_pages < first_page {
+            Stored::PrefixMissing
+        } else {
+            Stored::Pages(out.stored_pages)
+        })
     }
 }
 
@@ -355,7 +369,9 @@ impl KvNamespace for RemoteNs {
         }))
     }
 
-    fn store(&self, tokens: &[u32], first_page: usize, data: &[u8]) -> Result<usize> {
+    /// A `Store` call with the blocks of pages `first_page..` only (the
+    /// tokens go whole: the server names pages by their prefix).
+    fn store(&self, tokens: &[u32], first_page: usize, data: &[u8]) -> Result<Stored> {
         let (client, scope, tokens) = (
             self.remote.client.clone(),
             self.scope.clone(),
@@ -365,9 +381,14 @@ impl KvNamespace for RemoteNs {
         let block = self.remote.info.block_bytes;
         let reply = self
             .remote
-            .call(async move { client.store(&scope, &tokens, first_page, data, block).await })
-            .map_err(remote_err)?;
-        Ok(reply.stored_pages)
+            .call(async move { client.store(&scope, &tokens, first_page, data, block).await });
+        match reply {
+            Ok(r) => Ok(Stored::Pages(r.stored_pages)),
+            // The server's answer when the pages before `first_page` are
+            // not cached.
+            Err(e) if e.code() == Code::FailedPrecondition => Ok(Stored::PrefixMissing),
+            Err(e) => Err(remote_err(e)),
+        }
     }
 }
 

@@ -3,7 +3,8 @@
 
 mod common;
 
-use engine::GenerateOptions;
+use engine::{GenerateOptions, Stored};
+use std::sync::atomic::Ordering;
 
 use common::chat;
 
@@ -137,4 +138,152 @@ fn bad_requests_get_typed_errors() {
         engine.generate(&[1, 2], &GenerateOptions::new(0)),
         Err(EngineError::InvalidArgument(_))
     ));
+}
+
+/// What a [`Recording`] store saw and what it is told to do.
+#[derive(Debug, Default)]
+struct Script {
+    /// Each store call's first page and page count.
+    calls: Vec<(usize, usize)>,
+    /// Answer the call of this index "prefix missing" (storing nothing).
+    lose_at: Option<usize>,
+    /// Fail the call of this index.
+    fail_at: Option<usize>,
+}
+
+/// An embedded cache that records the engine's store calls.
+#[derive(Debug)]
+struct Recording {
+    inner: engine::EmbeddedStore,
+    script: std::sync::Arc<std::sync::Mutex<Script>>,
+}
+
+#[derive(Debug)]
+struct RecordingNs {
+    inner: std::sync::Arc<dyn engine::KvNamespace>,
+    script: std::sync::Arc<std::sync::Mutex<Script>>,
+    block_bytes: usize,
+}
+
+impl engine::KvStore for Recording {
+    fn page_size(&self) -> usize {
+        self.inner.page_size()
+    }
+    fn block_bytes(&self) -> usize {
+        self.inner.block_bytes()
+    }
+    fn layout(&self) -> String {
+        self.inner.layout()
+    }
+    fn namespace(
+        &self,
+        tenant: &str,
+        model: &str,
+    ) -> engine::Result<std::sync::Arc<dyn engine::KvNamespace>> {
+        Ok(std::sync::Arc::new(RecordingNs {
+            inner: self.inner.namespace(tenant, model)?,
+            script: self.script.clone(),
+            block_bytes: self.inner.block_bytes(),
+        }))
+    }
+}
+
+impl engine::KvNamespace for RecordingNs {
+    fn lookup(
+        &self,
+        tokens: &[u32],
+        ttl: std::time::Duration,
+    ) -> engine::Result<Option<Box<dyn engine::CachedPrefix>>> {
+        self.inner.lookup(tokens, ttl)
+    }
+
+    fn store(&self, tokens: &[u32], first_page: usize, data: &[u8]) -> engine::Result<Stored> {
+        let mut s = self.script.lock().unwrap();
+        let call = s.calls.len();
+        s.calls.push((first_page, data.len() / self.block_bytes));
+        if s.lose_at == Some(call) {
+            return Ok(Stored::PrefixMissing);
+        }
+        if s.fail_at == Some(call) {
+            return Err(engine::EngineError::Remote("injected".into()));
+        }
+        self.inner.store(tokens, first_page, data)
+    }
+}
+
+#[test]
+fn each_page_is_handed_to_the_store_once_and_again_only_after_a_loss() {
+    let path = engine::default_model_path();
+    if !path.exists() {
+        return; // common::engine() says why.
+    }
+    let ps = 8;
+    let layout = engine::KvLayout::new(&engine::ModelConfig::read(&path).unwrap(), ps);
+    let cache = cache_server::Cache::open(
+        cache_server::CacheConfig::builder(ps, layout.block_bytes(), layout.digest())
+            .host_bytes(64 * layout.block_bytes())
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let script = std::sync::Arc::new(std::sync::Mutex::new(Script {
+        lose_at: Some(2),
+        ..Script::default()
+    }));
+    let engine = engine::Engine::load(
+        engine::EngineConfig::builder()
+            .model_path(&path)
+            .page_size(ps)
+            .store(std::sync::Arc::new(Recording {
+                inner: engine::EmbeddedStore(std::sync::Arc::new(cache)),
+                script: script.clone(),
+            }))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    // 20 prompt tokens (2 whole pages), then 40 more: 7 whole pages.
+    let mut prompt = chat(
+        &engine,
+        &[
+            ("system", "You are brief."),
+            ("user", "List some fruits, please."),
+        ],
+    );
+    assert!(prompt.len() >= 20);
+    prompt.truncate(20);
+    let n = 40;
+    let pages = (prompt.len() + n - 1) / ps;
+    assert_eq!(pages, 7);
+    let g = engine
+        .generate(&prompt, &options(n, true, "handed"))
+        .unwrap();
+    // The prompt's pages after prefill, then each page as decode fills it;
+    // the third call is told page 2 was lost, so pages 0..4 go again.
+    assert_eq!(
+        script.lock().unwrap().calls,
+        [(0, 2), (2, 1), (3, 1), (0, 4), (4, 1), (5, 1), (6, 1)]
+    );
+    assert_eq!(g.stored_pages, pages);
+    let stats = engine.stats();
+    assert_eq!(
+        stats.sent_pages.load(Ordering::Relaxed),
+        2 + 1 + 1 + 4 + 1 + 1 + 1
+    );
+    assert_eq!(stats.store_errors.load(Ordering::Relaxed), 0);
+
+    // A store that fails: the sequence stores no more (no resending of a
+    // growing run of pages to a failing cache).
+    *script.lock().unwrap() = Script {
+        fail_at: Some(1),
+        ..Script::default()
+    };
+    let mut other = prompt.clone();
+    other[2] += 1;
+    let g = engine
+        .generate(&other, &options(n, true, "handed"))
+        .unwrap();
+    assert_eq!(script.lock().unwrap().calls, [(0, 2), (2, 1)]);
+    assert_eq!(g.stored_pages, 2);
+    assert_eq!(stats.store_errors.load(Ordering::Relaxed), 1);
 }

@@ -1,12 +1,14 @@
 //! Remote mode: the engine keeps its KV pages in a radixkv server (started
 //! in-process on a Unix socket, its host tier in shared memory) and gets
-//! the same tokens as without the cache, reading cached pages in place.
+//! the same tokens as without the cache, reading cached pages in place and
+//! sending each page's block once.
 
-use cache_server::server::{Server, ServerConfig};
+use cache_server::server::{Server, ServerConfig, TenantConfig};
 use engine::{
     default_model_path, Engine, EngineConfig, GenerateOptions, KvLayout, ModelConfig, RemoteStore,
 };
-use std::io::Write;
+use std::io::{Read, Write};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 #[test]
@@ -88,4 +90,157 @@ fn generation_through_a_cache_server_is_cached_and_unchanged() {
     );
     drop(engine);
     runtime.block_on(server.shutdown()).unwrap();
+}
+
+/// A radixkv server started in-process on a Unix socket (its host tier in
+/// shared memory) for `page_size`-token pages, with `tenants` (none: no
+/// tokens) and its metrics on loopback.
+struct TestServer {
+    server: Option<Server>,
+    runtime: tokio::runtime::Runtime,
+    socket: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    fn start(layout: &KvLayout, tenants: Vec<TenantConfig>) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("radixkv.sock");
+        let config = ServerConfig {
+            listen: None,
+            unix_socket: Some(socket.clone()),
+            metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+            data_dir: dir.path().to_path_buf(),
+            page_size: layout.page_size,
+            block_bytes: layout.block_bytes(),
+            layout: layout.digest(),
+            host_bytes: 128 * layout.block_bytes(),
+            disk_bytes: 0,
+            shm_path: Some(dir.path().join("host.shm")),
+            tenants,
+            ..ServerConfig::default()
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let server = runtime.block_on(Server::start(config)).unwrap();
+        TestServer {
+            server: Some(server),
+            runtime,
+            socket,
+            _dir: dir,
+        }
+    }
+
+    fn server(&self) -> &Server {
+        self.server.as_ref().unwrap()
+    }
+
+    fn target(&self) -> String {
+        format!("unix:{}", self.socket.display())
+    }
+
+    /// A counter of the server's `/metrics`.
+    fn metric(&self, line_start: &str) -> u64 {
+        let ready = self.server().ready_line();
+        let addr = ready
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("metrics="))
+            .expect("the metrics listener");
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body.lines()
+            .find_map(|l| l.strip_prefix(line_start))
+            .unwrap_or_else(|| panic!("no {line_start} in {body}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Bytes of blocks the server received through `Store` calls.
+    fn grpc_store_bytes(&self) -> u64 {
+        self.metric("radixkv_client_bytes_total{direction=\"store\",path=\"grpc\"}")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            let _ = self.runtime.block_on(server.shutdown());
+        }
+    }
+}
+
+fn model() -> Option<std::path::PathBuf> {
+    let path = default_model_path();
+    if !path.exists() {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: model not fetched; run scripts/fetch-model ({} is missing)",
+            path.display()
+        );
+        return None;
+    }
+    Some(path)
+}
+
+#[test]
+fn remote_stores_send_each_page_once() {
+    let Some(path) = model() else {
+        return;
+    };
+    // 8-token pages: a short output fills several.
+    let ps = 8;
+    let layout = KvLayout::new(&ModelConfig::read(&path).unwrap(), ps);
+    let srv = TestServer::start(&layout, Vec::new());
+    let store = RemoteStore::connect(&srv.target(), None).unwrap();
+    let engine = Engine::load(
+        EngineConfig::builder()
+            .model_path(&path)
+            .page_size(ps)
+            .store(Arc::new(store))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let prompt = engine
+        .tokenizer()
+        .encode("<|im_start|>user\nList some fruits.<|im_end|>\n<|im_start|>assistant\n")
+        .unwrap();
+    let n = 40;
+    let mut options = GenerateOptions::new(n);
+    options.stop_at_eos = false;
+    let bb = layout.block_bytes() as u64;
+    assert_eq!(srv.grpc_store_bytes(), 0);
+
+    let first = engine.generate(&prompt, &options).unwrap();
+    // The KV of every token but the last generated one, in whole pages.
+    let pages = (prompt.len() + n - 1) / ps;
+    assert!(pages >= prompt.len() / ps + 4, "decode filled pages");
+    assert_eq!(first.stored_pages, pages);
+    let sent = |e: &Engine| e.stats().sent_pages.load(Ordering::Relaxed);
+    assert_eq!(sent(&engine), pages as u64);
+    // Each page's block went over gRPC once (resending the earlier ones
+    // with each new page would be 2 + 3 + 4 + ... pages).
+    assert_eq!(srv.grpc_store_bytes(), pages as u64 * bb);
+
+    // Again: the prompt's pages are read from the cache, and the output's,
+    // which the cache has already, go once each.
+    let second = engine.generate(&prompt, &options).unwrap();
+    assert_eq!(second.tokens, first.tokens);
+    let cached = second.cached_tokens / ps;
+    assert_eq!(cached, prompt.len() / ps);
+    assert_eq!(second.stored_pages, 0);
+    let total = (2 * pages - cached) as u64;
+    assert_eq!(sent(&engine), total);
+    assert_eq!(srv.grpc_store_bytes(), total * bb);
+    assert_eq!(engine.stats().store_errors.load(Ordering::Relaxed), 0);
 }
