@@ -1,7 +1,8 @@
 //! Crashes: SIGKILL the server at random points while clients store, then
 //! restart it and check that every block it serves is byte-exact with what
-//! was stored (the expected bytes are a function of the prompt), and that
-//! nothing torn is served.
+//! was stored (the expected bytes are a function of the prompt), that
+//! nothing torn is served, and that the index and the tiers agree (every
+//! indexed page has its block slot and no slot is in use unindexed).
 
 use cache_server::client::Code;
 use radixkv_tests::*;
@@ -43,6 +44,7 @@ async fn blocks_served_after_a_sigkill_are_the_ones_stored() {
             let _ = w.await;
         }
         server = server.restart();
+        assert_index_and_tiers_agree(&server, round, "after the restart");
         // Every prompt stored so far: a hit must be exact, a miss is fine.
         let client = server.tcp_client(None).await;
         let stored = next.load(Ordering::Relaxed);
@@ -71,9 +73,23 @@ async fn blocks_served_after_a_sigkill_are_the_ones_stored() {
             }
             client.release(lease).await.unwrap();
         }
+        assert_index_and_tiers_agree(&server, round, "after reading everything back");
         eprintln!(
             "round {round}: {} prompts stored, {hits} hit after the crash",
             stored - 1
+        );
+    }
+}
+
+/// Every page the index lists on a tier has a block slot there, and no
+/// slot is in use that the index does not list.
+fn assert_index_and_tiers_agree(server: &ServerProcess, round: usize, when: &str) {
+    let page = server.metrics_text();
+    for tier in ["host", "disk"] {
+        assert_eq!(
+            metric(&page, &format!("radixkv_pages{{tier=\"{tier}\"}}")),
+            metric(&page, &format!("radixkv_blocks_used{{tier=\"{tier}\"}}")),
+            "round {round}, {when}: the index and the {tier} tier disagree"
         );
     }
 }

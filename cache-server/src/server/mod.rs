@@ -270,6 +270,26 @@ fn render_metrics(state: &State) -> String {
             index.tier_pages[t.index()]
         );
     }
+    // The pools' own count: equal to radixkv_pages per tier when the index
+    // and the tiers agree (no block leaked, none indexed without a slot).
+    metrics::gauge_header(
+        &mut out,
+        "radixkv_blocks_used",
+        "Block slots in use in each tier's pool.",
+    );
+    let cache = &state.cache;
+    let _ = writeln!(
+        out,
+        "radixkv_blocks_used{{tier=\"host\"}} {}",
+        tiers::BlockPool::used(cache.host_pool())
+    );
+    if let Some(disk) = cache.disk_pool() {
+        let _ = writeln!(
+            out,
+            "radixkv_blocks_used{{tier=\"disk\"}} {}",
+            tiers::BlockPool::used(disk)
+        );
+    }
     metrics::counter_header(
         &mut out,
         "radixkv_evictions_total",
