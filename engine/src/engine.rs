@@ -12,6 +12,7 @@ use crate::forward::{forward, Chunk, PAGE_SIZES};
 use crate::gguf::default_model_path;
 use crate::kv::{as_f32, KvLayout, PrivatePages};
 use crate::model::Model;
+use crate::sampling::{Sampler, Sampling};
 use crate::store::{
     CachedPrefix, EmbeddedStore, KvNamespace, KvStore, PageBytes, RemoteStore, Stored,
 };
@@ -138,10 +139,23 @@ impl EngineConfigBuilder {
     }
 }
 
+/// Most stop strings a request may give (OpenAI's limit).
+pub const MAX_STOP_STRINGS: usize = 4;
+/// Longest stop string, in bytes.
+pub const MAX_STOP_BYTES: usize = 256;
+
 /// What a request asks of generation.
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
     pub max_new_tokens: usize,
+    /// How each token is chosen (default greedy).
+    pub sampling: Sampling,
+    /// Stop once the output's text contains one of these (at most
+    /// [`MAX_STOP_STRINGS`], each 1 to [`MAX_STOP_BYTES`] bytes): the
+    /// sequence ends with the token that completes it, with
+    /// [`FinishReason::Stop`]. Leaving the stop string out of the text is
+    /// the caller's part (see [`stop_at`](crate::stop_at)).
+    pub stop: Vec<String>,
     /// Look the prompt up in the cache and store the pages computed
     /// (default on). Off: every token is computed, nothing is stored.
     pub use_cache: bool,
@@ -149,15 +163,25 @@ pub struct GenerateOptions {
     pub stop_at_eos: bool,
     /// The cache namespace's tenant (a server derives it from credentials).
     pub tenant: String,
+    /// How many tokens at the end of the prompt are this request's own
+    /// earlier output (0 for a new request; a preempted request resuming
+    /// has them): sampling continues the request's random stream after
+    /// them, and stop strings are looked for across them. The
+    /// [`Scheduler`](crate::Scheduler) sets it when it resumes a request.
+    pub resumed: usize,
 }
 
 impl GenerateOptions {
+    /// Greedy, up to `max_new_tokens`, cached, stopping at end of sequence.
     pub fn new(max_new_tokens: usize) -> Self {
         Self {
             max_new_tokens,
+            sampling: Sampling::greedy(),
+            stop: Vec::new(),
             use_cache: true,
             stop_at_eos: true,
             tenant: "default".into(),
+            resumed: 0,
         }
     }
 }
@@ -169,6 +193,8 @@ pub enum FinishReason {
     Length,
     /// It produced the end-of-sequence token.
     Eos,
+    /// Its text came to contain one of its stop strings.
+    Stop,
 }
 
 /// The result of a finished sequence.
@@ -219,6 +245,11 @@ pub struct Sequence {
     page_size: usize,
     max_new: usize,
     stop_at_eos: bool,
+    sampler: Sampler,
+    stop: Vec<String>,
+    /// Where the request's output starts in `tokens` (before `prompt_len`
+    /// when resumed).
+    output_start: usize,
     /// The next position to run.
     pos: usize,
     /// Positions whose KV is in the pages.
@@ -392,7 +423,7 @@ impl Engine {
         &self.stats
     }
 
-    /// Greedy generation of one prompt, start to finish.
+    /// Generation of one prompt, start to finish.
     pub fn generate(&self, prompt: &[u32], options: &GenerateOptions) -> Result<Generation> {
         let mut seq = self.start(prompt, options)?;
         while !seq.is_finished() {
@@ -405,7 +436,8 @@ impl Engine {
     }
 
     /// Checks a request without starting it: an empty prompt, tokens
-    /// outside the vocabulary, no output asked, or more than the context.
+    /// outside the vocabulary, no output asked, more than the context, bad
+    /// sampling settings or stop strings.
     pub fn check(&self, prompt: &[u32], options: &GenerateOptions) -> Result<()> {
         let vocab = self.model.config().vocab;
         let context = self.model.config().context;
@@ -423,6 +455,30 @@ impl Engine {
         let requested = prompt.len().saturating_add(options.max_new_tokens);
         if requested > context {
             return Err(EngineError::ContextTooLong { requested, context });
+        }
+        options.sampling.check()?;
+        if options.stop.len() > MAX_STOP_STRINGS {
+            return Err(EngineError::InvalidArgument(format!(
+                "{} stop strings; at most {MAX_STOP_STRINGS}",
+                options.stop.len()
+            )));
+        }
+        if let Some(s) = options
+            .stop
+            .iter()
+            .find(|s| s.is_empty() || s.len() > MAX_STOP_BYTES)
+        {
+            return Err(EngineError::InvalidArgument(format!(
+                "a stop string of {} bytes; each must be 1 to {MAX_STOP_BYTES}",
+                s.len()
+            )));
+        }
+        if options.resumed >= prompt.len() {
+            return Err(EngineError::InvalidArgument(format!(
+                "{} resumed tokens in a prompt of {}",
+                options.resumed,
+                prompt.len()
+            )));
         }
         Ok(())
     }
@@ -454,6 +510,9 @@ impl Engine {
             page_size: ps,
             max_new: options.max_new_tokens,
             stop_at_eos: options.stop_at_eos,
+            sampler: Sampler::new(options.sampling, options.resumed),
+            stop: options.stop.clone(),
+            output_start: prompt.len() - options.resumed,
             // A wholly cached prompt still runs its last token, for logits.
             pos: cached_tokens.min(prompt.len() - 1),
             kv_len: cached_tokens,
@@ -597,18 +656,41 @@ impl Engine {
             seq.pos = end;
             seq.kv_len = seq.kv_len.max(end);
             if let Some(logits) = logits {
-                let next = argmax(&logits);
+                let next = seq.sampler.next(&logits);
                 seq.tokens.push(next);
                 if seq.ttft.is_none() {
                     seq.ttft = Some(seq.started.elapsed());
                 }
                 if seq.stop_at_eos && Some(next) == self.tokenizer.eos() {
                     seq.finish = Some(FinishReason::Eos);
+                } else if self.hit_stop(seq) {
+                    seq.finish = Some(FinishReason::Stop);
                 } else if seq.tokens.len() - seq.prompt_len >= seq.max_new {
                     seq.finish = Some(FinishReason::Length);
                 }
             }
             self.store_full_pages(seq, ps);
+        }
+    }
+
+    /// Whether the token just generated completed one of the sequence's
+    /// stop strings. Every token is at least one byte of text, so a stop
+    /// string ending in this token lies within the last as many tokens as
+    /// the longest stop string has bytes: only those are decoded (an
+    /// earlier occurrence would have ended the sequence when it appeared).
+    fn hit_stop(&self, seq: &Sequence) -> bool {
+        if seq.stop.is_empty() {
+            return false;
+        }
+        let longest = seq.stop.iter().map(String::len).max().unwrap_or(0);
+        let from = seq
+            .tokens
+            .len()
+            .saturating_sub(longest)
+            .max(seq.output_start);
+        match self.tokenizer.decode(&seq.tokens[from..]) {
+            Ok(text) => stop_at(&text, &seq.stop).is_some(),
+            Err(_) => false,
         }
     }
 
@@ -687,13 +769,11 @@ impl Engine {
     }
 }
 
-/// The first index of the largest logit (greedy decoding).
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
+/// Where the text must be cut for `stop`: the start of the earliest stop
+/// string in it, if any.
+pub fn stop_at(text: &str, stop: &[String]) -> Option<usize> {
+    stop.iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
 }

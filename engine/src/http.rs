@@ -4,22 +4,31 @@
 //!   per message, then `<|im_start|>assistant\n`) and `POST /v1/completions`
 //!   (a string prompt, or token ids); `stream: true` answers with
 //!   server-sent events (`data: {chunk}\n\n`, ending `data: [DONE]\n\n`).
-//! - Decoding is greedy: `temperature` must be absent or 0 (and `top_p`
-//!   absent or 1); anything else is a 400. Generation stops at
-//!   `<|im_end|>` (not part of the text) or at `max_tokens` (default 256;
-//!   `max_completion_tokens` is read too).
+//! - Decoding is greedy when `temperature` is absent or 0, and sampled
+//!   otherwise ([`sampling`](crate::sampling)): `temperature` in `[0, 2]`,
+//!   `top_p` in `(0, 1]`, and `seed` (an integer; the same seed and prompt
+//!   give the same tokens, batched or not, cached or not). Without a seed
+//!   one is drawn, and reported as `radixkv.seed`.
+//! - Generation stops at `<|im_end|>` (not part of the text), at
+//!   `max_tokens` (default 256; `max_completion_tokens` is read too;
+//!   `finish_reason` "length"), or at a `stop` string (a string or up to
+//!   four; `finish_reason` "stop"): the text ends before it. A stream holds
+//!   back any end of its text that could be the start of a stop string, so
+//!   no part of one is ever sent.
 //! - `usage` reports `prompt_tokens`, `completion_tokens`, `total_tokens`
 //!   and `prompt_tokens_details.cached_tokens` (the prompt tokens whose KV
 //!   came from the cache). Time to first token, from the request's arrival,
 //!   is the `x-radixkv-ttft-ms` header of a non-streamed answer and the
 //!   `radixkv.ttft_ms` field of its body and of the last streamed chunk.
 //! - `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text).
-//! - Bad requests (malformed JSON, unknown model, too long for the context)
-//!   get a 4xx with an OpenAI-style error body. A client that goes away
-//!   mid-stream drops its receiver, which cancels its sequence.
+//! - Bad requests (malformed JSON, unknown model, too long for the context,
+//!   sampling settings or stop strings out of bounds) get a 4xx with an
+//!   OpenAI-style error body. A client that goes away mid-stream drops its
+//!   receiver, which cancels its sequence.
 
-use crate::engine::{FinishReason, GenerateOptions, Generation};
+use crate::engine::{stop_at, FinishReason, GenerateOptions, Generation};
 use crate::error::EngineError;
+use crate::sampling::{random_seed, Sampling};
 use crate::scheduler::{Event, Scheduler};
 use crate::tokenizer::Tokenizer;
 use axum::body::Bytes;
@@ -212,6 +221,13 @@ enum Prompt {
     Ids(Vec<u32>),
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
 /// The fields both endpoints read; others are ignored.
 #[derive(Debug, Deserialize)]
 struct Request {
@@ -231,6 +247,10 @@ struct Request {
     temperature: Option<f64>,
     #[serde(default)]
     top_p: Option<f64>,
+    #[serde(default)]
+    seed: Option<serde_json::Number>,
+    #[serde(default)]
+    stop: Option<Stop>,
 }
 
 /// ChatML, as SmolLM2's template writes it.
@@ -272,6 +292,7 @@ async fn handle(s: Arc<AppState>, body: Bytes, kind: Kind) -> Result<Response, A
             return Err(e);
         }
     };
+    let (sampling, stop) = (options.sampling, options.stop.clone());
     let rx = s.scheduler.submit(prompt, options).inspect_err(|_| {
         s.metrics.bad_requests.fetch_add(1, Ordering::Relaxed);
     })?;
@@ -293,8 +314,9 @@ async fn handle(s: Arc<AppState>, body: Bytes, kind: Kind) -> Result<Response, A
             .map_or(0, |d| d.as_secs()),
         arrived,
         rx,
-        text: TextDecoder::default(),
+        text: TextDecoder::new(stop),
         ttft: None,
+        sampling,
     };
     if stream {
         Ok(reply.stream())
@@ -324,11 +346,7 @@ fn prepare(
             });
         }
     }
-    if req.temperature.is_some_and(|t| t != 0.0) || req.top_p.is_some_and(|p| p != 1.0) {
-        return Err(ApiError::bad(
-            "only greedy decoding is supported: temperature must be 0 (or absent) and top_p 1",
-        ));
-    }
+    let sampling = sampling(&req)?;
     let tokenizer = s.scheduler.engine().tokenizer();
     let prompt = match kind {
         Kind::Chat => {
@@ -369,40 +387,124 @@ fn prepare(
         .unwrap_or(s.config.default_max_tokens);
     let mut options = GenerateOptions::new(max);
     options.tenant = s.config.tenant.clone();
+    options.sampling = sampling;
+    options.stop = match req.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    };
+    // The engine checks the stop strings (and the rest) at submission.
     Ok((prompt, options, req.stream))
 }
 
+/// The request's sampling: greedy without a temperature or at 0; checked.
+fn sampling(req: &Request) -> Result<Sampling, ApiError> {
+    let seed = match &req.seed {
+        None => None,
+        // Negative seeds are seeds too (as their two's complement).
+        Some(n) => Some(
+            n.as_u64()
+                .or(n.as_i64().map(|i| i as u64))
+                .ok_or_else(|| ApiError::bad(format!("seed {n} is not an integer")))?,
+        ),
+    };
+    let sampling = Sampling {
+        temperature: req.temperature.unwrap_or(0.0) as f32,
+        top_p: req.top_p.unwrap_or(1.0) as f32,
+        seed: 0,
+    };
+    sampling.check()?;
+    Ok(if sampling.is_greedy() {
+        Sampling::greedy()
+    } else {
+        Sampling {
+            seed: seed.unwrap_or_else(random_seed),
+            ..sampling
+        }
+    })
+}
+
 /// Turns tokens into text as they come, holding back a character split
-/// across tokens, and leaving out the end-of-sequence token.
+/// across tokens and any end of the text that could begin a stop string,
+/// cutting the text before the first stop string, and leaving out the
+/// end-of-sequence token.
 #[derive(Debug, Default)]
 struct TextDecoder {
     tokens: Vec<u32>,
     sent: usize,
+    stop: Vec<String>,
+    /// The text reached a stop string: nothing more goes out.
+    stopped: bool,
 }
 
 impl TextDecoder {
+    fn new(stop: Vec<String>) -> Self {
+        Self {
+            stop,
+            ..Self::default()
+        }
+    }
+
     /// The text that `token` completes (possibly none yet).
     fn push(&mut self, tokenizer: &Tokenizer, token: u32) -> Result<String, EngineError> {
+        if self.stopped {
+            return Ok(String::new());
+        }
         if Some(token) != tokenizer.eos() {
             self.tokens.push(token);
         }
         // Outputs are short: decoding the whole run each time is cheap.
         let text = tokenizer.decode(&self.tokens)?;
+        if let Some(cut) = stop_at(&text, &self.stop) {
+            self.stopped = true;
+            return Ok(self.take(&text, cut));
+        }
         if text.ends_with('\u{FFFD}') || text.len() < self.sent {
             return Ok(String::new());
         }
-        let new = text.get(self.sent..).unwrap_or_default().to_string();
-        self.sent = text.len();
-        Ok(new)
+        let end = text.len() - stop_prefix(&text, &self.stop);
+        Ok(self.take(&text, end))
     }
 
     /// What is held back at the end, if anything.
     fn rest(&mut self, tokenizer: &Tokenizer) -> Result<String, EngineError> {
+        if self.stopped {
+            return Ok(String::new());
+        }
         let text = tokenizer.decode(&self.tokens)?;
-        let new = text.get(self.sent..).unwrap_or_default().to_string();
-        self.sent = text.len();
-        Ok(new)
+        let end = match stop_at(&text, &self.stop) {
+            Some(cut) => {
+                self.stopped = true;
+                cut
+            }
+            None => text.len(),
+        };
+        Ok(self.take(&text, end))
     }
+
+    /// `text` from what was sent up to `end`.
+    fn take(&mut self, text: &str, end: usize) -> String {
+        if end <= self.sent {
+            return String::new();
+        }
+        let new = text.get(self.sent..end).unwrap_or_default().to_string();
+        self.sent = end;
+        new
+    }
+}
+
+/// The length of the longest end of `text` that is the start (not the
+/// whole) of a stop string. It begins on a character boundary, since a
+/// stop string does.
+fn stop_prefix(text: &str, stop: &[String]) -> usize {
+    let text = text.as_bytes();
+    stop.iter()
+        .filter_map(|s| {
+            let s = s.as_bytes();
+            (1..s.len()).rev().find(|&k| text.ends_with(&s[..k]))
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 struct Reply {
@@ -414,13 +516,7 @@ struct Reply {
     rx: UnboundedReceiver<Event>,
     text: TextDecoder,
     ttft: Option<Duration>,
-}
-
-fn finish_reason(f: FinishReason) -> &'static str {
-    match f {
-        FinishReason::Eos => "stop",
-        FinishReason::Length => "length",
-    }
+    sampling: Sampling,
 }
 
 fn usage(g: &Generation) -> Value {
@@ -483,11 +579,25 @@ impl Reply {
     }
 
     fn radixkv(&self, g: &Generation) -> Value {
-        json!({
+        let mut v = json!({
             "ttft_ms": self.ttft_ms(),
             "cached_tokens": g.cached_tokens,
             "completion_ids": g.tokens,
-        })
+        });
+        if !self.sampling.is_greedy() {
+            v["seed"] = json!(self.sampling.seed);
+        }
+        v
+    }
+
+    /// OpenAI's `finish_reason`: a stop string or the end of sequence is
+    /// "stop", running out of tokens "length".
+    fn finish_reason(&self, g: &Generation) -> &'static str {
+        match g.finish {
+            _ if self.text.stopped => "stop",
+            FinishReason::Eos | FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
     }
 
     /// The whole answer as one JSON body.
@@ -504,11 +614,11 @@ impl Reply {
             Kind::Chat => json!({
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
-                "finish_reason": finish_reason(g.finish),
+                "finish_reason": self.finish_reason(&g),
             }),
             Kind::Completion => json!({
                 "index": 0, "text": text, "logprobs": null,
-                "finish_reason": finish_reason(g.finish),
+                "finish_reason": self.finish_reason(&g),
             }),
         };
         let body = json!({
@@ -569,7 +679,7 @@ impl Reply {
                         {
                             return;
                         }
-                        let mut last = self.chunk(None, Some(finish_reason(g.finish)));
+                        let mut last = self.chunk(None, Some(self.finish_reason(&g)));
                         last["usage"] = usage(&g);
                         last["radixkv"] = self.radixkv(&g);
                         if tx.send(data(&last)).await.is_err() {
@@ -757,4 +867,40 @@ fn render_metrics(s: &AppState) -> String {
     let _ = writeln!(out, "{name}_sum {:.6}", load(&m.ttft_micros) as f64 / 1e6);
     let _ = writeln!(out, "{name}_count {count}");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stops(s: &[&str]) -> Vec<String> {
+        s.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn the_held_back_end_is_the_longest_start_of_a_stop_string() {
+        let stop = stops(&["END!", "é!"]);
+        assert_eq!(stop_prefix("the", &stop), 0);
+        assert_eq!(stop_prefix("the E", &stop), 1);
+        assert_eq!(stop_prefix("the EN", &stop), 2);
+        assert_eq!(stop_prefix("the END", &stop), 3);
+        // A whole stop string is not held back: it is cut at.
+        assert_eq!(stop_prefix("the END!", &stop), 0);
+        // Multi-byte: the held-back end starts on a character boundary.
+        let text = "café";
+        let held = stop_prefix(text, &stop);
+        assert_eq!(held, "é".len());
+        assert!(text.is_char_boundary(text.len() - held));
+        assert_eq!(stop_prefix("anything", &[]), 0);
+    }
+
+    #[test]
+    fn the_text_is_cut_at_the_earliest_stop_string() {
+        let stop = stops(&["cd", "bcde", "x"]);
+        // Both complete within "abcdef": the one that starts first wins.
+        assert_eq!(stop_at("abcdef", &stop), Some(1));
+        assert_eq!(stop_at("abcdx", &stop), Some(2));
+        assert_eq!(stop_at("xbcd", &stop), Some(0));
+        assert_eq!(stop_at("abc", &stop), None);
+    }
 }

@@ -14,6 +14,9 @@
 //! - [`KvStore`] is where pages are cached: the embedded cache (the
 //!   default) or a radixkv server ([`RemoteStore`], over gRPC and its
 //!   shared memory).
+//! - [`sampling`] chooses each token: greedy by default, or sampled at a
+//!   temperature from a `top_p` nucleus with a seeded per-sequence
+//!   generator; [`GenerateOptions`] also carries stop strings.
 //! - [`Scheduler`] batches requests continuously on a worker thread
 //!   (chunked prefill, a KV page budget with preemption, cancellation).
 //! - [`http`] serves it as an OpenAI-compatible API (the binary
@@ -29,9 +32,12 @@
 //! ```
 //!
 //! What the engine must never do:
-//! - change its output because of the cache: greedy output with a cached
-//!   prefix is token for token the output without it (the kernels give
-//!   every token the same arithmetic whatever batch it is computed in);
+//! - change its output because of the cache or the batch: greedy output,
+//!   and sampled output with a given seed, is token for token the same
+//!   with a cached prefix or without, alone or batched, preempted or not
+//!   (the kernels give every token the same arithmetic whatever batch it
+//!   is computed in, and a token's random draw depends only on the seed
+//!   and its place in the output);
 //! - write into a block it borrowed from the cache, or read a cached page
 //!   without holding a lease on it;
 //! - fail a request because the cache failed: a failed lookup computes the
@@ -48,19 +54,21 @@ pub mod http;
 mod kv;
 mod matmul;
 mod model;
+pub mod sampling;
 pub mod scheduler;
 mod simd;
 pub mod store;
 mod tokenizer;
 
 pub use engine::{
-    Engine, EngineConfig, EngineConfigBuilder, EngineStats, FinishReason, GenerateOptions,
-    Generation, Sequence,
+    stop_at, Engine, EngineConfig, EngineConfigBuilder, EngineStats, FinishReason, GenerateOptions,
+    Generation, Sequence, MAX_STOP_BYTES, MAX_STOP_STRINGS,
 };
 pub use error::{EngineError, Result};
 pub use gguf::{default_model_path, ModelConfig};
 pub use kv::KvLayout;
 pub use model::Model;
+pub use sampling::Sampling;
 pub use scheduler::{Event, Scheduler, SchedulerConfig, SchedulerStats};
 pub use store::{
     CachedPrefix, EmbeddedStore, KvNamespace, KvStore, PageBytes, RemoteStore, Stored,

@@ -372,6 +372,7 @@ impl Worker {
             tokens.extend_from_slice(&entry.generated);
             let mut options = entry.req.options.clone();
             options.max_new_tokens -= entry.generated.len();
+            options.resumed = entry.generated.len();
             match self.engine.start(&tokens, &options) {
                 Ok(seq) => {
                     if !entry.started {
@@ -530,7 +531,7 @@ impl Worker {
                     decode_time: e.decode_time,
                 };
                 debug_assert!(
-                    done.finish == FinishReason::Eos
+                    done.finish != FinishReason::Length
                         || done.tokens.len() == e.req.options.max_new_tokens
                 );
                 self.stats.completed.fetch_add(1, Ordering::Relaxed);

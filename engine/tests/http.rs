@@ -243,7 +243,7 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
         ),
         (
             "/v1/chat/completions",
-            json!({"messages": [{"role": "user", "content": "hi"}], "temperature": 0.7})
+            json!({"messages": [{"role": "user", "content": "hi"}], "temperature": 2.5})
                 .to_string(),
             400,
         ),
@@ -254,11 +254,33 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
         ),
         ("/v1/completions", json!({"prompt": ""}).to_string(), 400),
     ];
-    for (path, body, status) in cases {
+    // Sampling settings and stop strings out of bounds.
+    let hi = |extra: Value| {
+        let mut body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        ("/v1/chat/completions", body.to_string(), 400)
+    };
+    let sampling_cases = [
+        hi(json!({"temperature": -0.1})),
+        hi(json!({"temperature": 0.5, "top_p": 0})),
+        hi(json!({"temperature": 0.5, "top_p": 1.01})),
+        hi(json!({"top_p": -1})),
+        hi(json!({"temperature": 0.5, "seed": 1.5})),
+        hi(json!({"temperature": 0.5, "seed": "seven"})),
+        hi(json!({"stop": ["a", "b", "c", "d", "e"]})),
+        hi(json!({"stop": ""})),
+        hi(json!({"stop": "x".repeat(300)})),
+        hi(json!({"stop": 42})),
+        hi(json!({"max_tokens": 0})),
+    ];
+    for (path, body, status) in cases.into_iter().chain(sampling_cases) {
         let a = request(srv.addr, "POST", path, &body);
         assert_eq!(a.status, status, "{body}: {}", a.body);
         let e = a.json();
         assert!(e["error"]["message"].as_str().is_some(), "{e}");
+        assert_eq!(e["error"]["type"], "invalid_request_error", "{e}");
     }
     assert_eq!(request(srv.addr, "GET", "/health", "").status, 200);
     let models = request(srv.addr, "GET", "/v1/models", "").json();
@@ -295,4 +317,185 @@ fn a_client_leaving_mid_stream_cancels_its_sequence() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(stats.completed.load(Ordering::Relaxed), 0);
+}
+
+/// A chat request's body, with `extra` fields.
+fn ask(question: &str, max_tokens: usize, extra: Value) -> String {
+    let mut body = json!({
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": max_tokens,
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body.to_string()
+}
+
+/// A streamed answer's chunks (after checking it ends with `[DONE]`), and
+/// their text joined.
+fn streamed_chunks(a: &Answer) -> (Vec<Value>, String) {
+    assert_eq!(a.status, 200, "{}", a.body);
+    let ev = events(&a.body);
+    assert_eq!(ev.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = ev[..ev.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let text = chunks
+        .iter()
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .or(c["choices"][0]["text"].as_str())
+        })
+        .collect();
+    (chunks, text)
+}
+
+#[test]
+fn stop_strings_cut_the_text_streamed_or_not() {
+    let Some(srv) = server() else {
+        return;
+    };
+    let question = "Explain in two sentences what a library is.";
+    let n = 24;
+    let plain = request(
+        srv.addr,
+        "POST",
+        "/v1/chat/completions",
+        &ask(question, n, json!({})),
+    );
+    assert_eq!(plain.status, 200, "{}", plain.body);
+    let plain = plain.json();
+    let text = plain["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(plain["usage"]["completion_tokens"], n, "{plain}");
+    // A stop string of several characters from the middle of the text (so
+    // several tokens, some of which a stream must hold back).
+    let chars: Vec<(usize, char)> = text.char_indices().collect();
+    let (from, to) = (chars[chars.len() / 2].0, chars[chars.len() / 2 + 6].0);
+    let stop = text[from..to].to_string();
+    let cut = text.find(&stop).unwrap();
+    let expected = &text[..cut];
+    let extra = json!({"stop": ["\u{1F600} never", stop]});
+
+    let whole = request(
+        srv.addr,
+        "POST",
+        "/v1/chat/completions",
+        &ask(question, n, extra.clone()),
+    );
+    assert_eq!(whole.status, 200, "{}", whole.body);
+    let whole = whole.json();
+    assert_eq!(
+        whole["choices"][0]["message"]["content"], expected,
+        "{stop:?}"
+    );
+    assert_eq!(whole["choices"][0]["finish_reason"], "stop");
+    assert!(whole["usage"]["completion_tokens"].as_u64().unwrap() < n as u64);
+
+    let mut streaming = extra.clone();
+    streaming["stream"] = json!(true);
+    let a = request(
+        srv.addr,
+        "POST",
+        "/v1/chat/completions",
+        &ask(question, n, streaming),
+    );
+    let (chunks, joined) = streamed_chunks(&a);
+    // Nothing of the stop string went out, not even a first part of it.
+    assert_eq!(joined, expected, "{stop:?}");
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "stop");
+    assert_eq!(last["usage"], whole["usage"]);
+
+    // Completions take one stop string as a plain string.
+    let prompt = engine::http::chat_template(&[("user", question)]);
+    let c = request(
+        srv.addr,
+        "POST",
+        "/v1/completions",
+        &json!({"prompt": prompt, "max_tokens": n, "stop": stop, "stream": true}).to_string(),
+    );
+    let (chunks, joined) = streamed_chunks(&c);
+    assert_eq!(joined, expected);
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "stop"
+    );
+
+    // A stop string whose start ends the text but which never completes:
+    // what was held back goes out at the end.
+    let tail: String = text
+        .chars()
+        .rev()
+        .take(2)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    let mut unfinished = json!({"stop": format!("{tail}\u{1F600}"), "stream": true});
+    let a = request(
+        srv.addr,
+        "POST",
+        "/v1/chat/completions",
+        &ask(question, n, unfinished.clone()),
+    );
+    let (chunks, joined) = streamed_chunks(&a);
+    assert_eq!(joined, text);
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "length"
+    );
+    unfinished["stream"] = json!(false);
+    let a = request(
+        srv.addr,
+        "POST",
+        "/v1/chat/completions",
+        &ask(question, n, unfinished),
+    )
+    .json();
+    assert_eq!(a["choices"][0]["message"]["content"], text);
+}
+
+#[test]
+fn a_seed_makes_sampled_answers_reproducible() {
+    let Some(srv) = server() else {
+        return;
+    };
+    let q = "Write a line of a poem about rain.";
+    let ids = |extra: Value| {
+        let a = request(srv.addr, "POST", "/v1/chat/completions", &ask(q, 8, extra));
+        assert_eq!(a.status, 200, "{}", a.body);
+        a.json()["radixkv"].clone()
+    };
+    let a = ids(json!({"temperature": 1.0, "top_p": 0.9, "seed": 7}));
+    let b = ids(json!({"temperature": 1.0, "top_p": 0.9, "seed": 7}));
+    assert_eq!(a["seed"], 7);
+    assert_eq!(a["completion_ids"], b["completion_ids"]);
+    // Streamed, with the same seed: the same tokens.
+    let s = request(
+        srv.addr,
+        "POST",
+        "/v1/chat/completions",
+        &ask(
+            q,
+            8,
+            json!({"temperature": 1.0, "top_p": 0.9, "seed": 7, "stream": true}),
+        ),
+    );
+    let (chunks, _) = streamed_chunks(&s);
+    assert_eq!(
+        chunks.last().unwrap()["radixkv"]["completion_ids"],
+        a["completion_ids"]
+    );
+    // Without a seed one is drawn and reported; it replays the answer.
+    let drawn = ids(json!({"temperature": 1.0}));
+    let seed = drawn["seed"].as_u64().expect("a drawn seed is reported");
+    let replay = ids(json!({"temperature": 1.0, "seed": seed}));
+    assert_eq!(replay["completion_ids"], drawn["completion_ids"]);
+    // Greedy answers report no seed.
+    assert!(ids(json!({"temperature": 0}))["seed"].is_null());
 }
