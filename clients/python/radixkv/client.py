@@ -310,7 +310,7 @@ class Client:
         matched pages are leased (readable by :meth:`load` / :meth:`load_shm`
         until :meth:`release` or expiry); ``prefetch`` starts copying
         disk-only pages up."""
-        req = pb.LookupRequest(scope=self._scope(model, adapter), tokens=_wire_tokens(tokens), lease_ms=lease_ms, prefetch=prefetch)
+        req = _lookup_request(self._scope(model, adapter), tokens, lease_ms, prefetch)
         return _lookup(self._unary("Lookup", self._cache.Lookup, req, timeout))
 
     def iter_load(self, lease_id: int, first_page: int = 0, pages: int = 0, *, timeout: Optional[float] = None) -> Iterator[Block]:
@@ -656,6 +656,10 @@ def _stats(r: Any) -> Stats:
         quota_pages=r.quota_pages,
     )
 
+
+
+def _lookup_request(scope: Any, tokens: Sequence[int], lease_ms: int, prefetch: bool) -> Any:
+    return pb.LookupRequest(scope=scope, tokens=_wire_tokens(tokens), lease_ms=lease_ms, prefetch=prefetch)
 
 
 def _lookup(r: Any) -> Lookup:

@@ -25,7 +25,7 @@ from typing import Any, Dict, Optional, Sequence, Type
 
 import grpc
 
-from .client import _lookup, _wire_tokens, pb
+from .client import _lookup, _lookup_request, pb
 from .errors import _BY_CODE, RadixKvError
 from .types import Lookup
 
@@ -90,12 +90,8 @@ class LocalClient:
         m = self.model if model is None else model
         if m is None:
             raise ValueError("no model: pass model= to the call or to LocalClient(...)")
-        req = pb.LookupRequest(
-            scope=pb.Scope(model=m, adapter=self.adapter if adapter is None else adapter),
-            tokens=_wire_tokens(tokens),
-            lease_ms=lease_ms,
-            prefetch=prefetch,
-        )
+        scope = pb.Scope(model=m, adapter=self.adapter if adapter is None else adapter)
+        req = _lookup_request(scope, tokens, lease_ms, prefetch)
         return _lookup(self._message("Lookup", _LOOKUP, req, pb.LookupResponse))
 
     def release(self, lease_id: int) -> None:
