@@ -1,15 +1,18 @@
 //! Remote mode: the engine keeps its KV pages in a radixkv server (started
 //! in-process on a Unix socket, its host tier in shared memory) and gets
-//! the same tokens as without the cache, reading cached pages in place and
-//! sending each page's block once.
+//! the same tokens as without the cache, reading cached pages in place;
+//! it sends each page's block once; and the binary's `--remote` (with the
+//! token from `RADIXKV_TOKEN`) does the same.
 
 use cache_server::server::{Server, ServerConfig, TenantConfig};
 use engine::{
     default_model_path, Engine, EngineConfig, GenerateOptions, KvLayout, ModelConfig, RemoteStore,
 };
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
+use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 #[test]
 fn generation_through_a_cache_server_is_cached_and_unchanged() {
@@ -243,4 +246,101 @@ fn remote_stores_send_each_page_once() {
     assert_eq!(sent(&engine), total);
     assert_eq!(srv.grpc_store_bytes(), total * bb);
     assert_eq!(engine.stats().store_errors.load(Ordering::Relaxed), 0);
+}
+
+/// Reads `child`'s stdout until its `READY http=` line (or panics after a
+/// while); the rest of the output is drained in the background.
+fn wait_ready(child: &mut std::process::Child) -> std::net::SocketAddr {
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if let Some(addr) = line.strip_prefix("READY http=") {
+                let _ = tx.send(addr.parse().unwrap());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(120))
+        .expect("the engine prints its READY line")
+}
+
+fn post(addr: std::net::SocketAddr, path: &str, body: &str) -> serde_json::Value {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{answer}");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+#[test]
+fn the_binary_keeps_its_pages_in_a_cache_server_with_a_token() {
+    let Some(path) = model() else {
+        return;
+    };
+    let layout = KvLayout::new(&ModelConfig::read(&path).unwrap(), 16);
+    let tenant = TenantConfig {
+        name: "engine-tenant".into(),
+        token: "s3cret-engine-token".into(),
+        quota_pages: 0,
+        shm: true,
+    };
+    let srv = TestServer::start(&layout, vec![tenant]);
+    let engine = |token: &str| {
+        Command::new(env!("CARGO_BIN_EXE_radixkv-engine"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--model"])
+            .arg(&path)
+            .args(["--remote", &srv.target()])
+            .env("RADIXKV_TOKEN", token)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+
+    // A wrong token: the engine does not start.
+    let mut bad = engine("not-the-token");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = bad.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "an engine with a bad token runs");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success());
+
+    let mut child = engine("s3cret-engine-token");
+    let addr = wait_ready(&mut child);
+    let body = serde_json::json!({
+        "messages": [
+            {"role": "system", "content": "You are a concise assistant. Answer in one short paragraph, and prefer plain words."},
+            {"role": "user", "content": "What is a page?"},
+        ],
+        "max_tokens": 2,
+    })
+    .to_string();
+    let first = post(addr, "/v1/chat/completions", &body);
+    let second = post(addr, "/v1/chat/completions", &body);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(first["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let prompt = first["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(
+        second["usage"]["prompt_tokens_details"]["cached_tokens"],
+        prompt / 16 * 16
+    );
+    assert_eq!(second["choices"], first["choices"]);
+    // The pages are the server's, in the token's tenant.
+    assert!(srv.server().cache().index().stats().pages >= prompt / 16);
 }

@@ -1,5 +1,8 @@
 //! `radixkv-engine serve`: the engine behind an OpenAI-compatible HTTP API
-//! (see the `engine::http` docs), on loopback unless told otherwise.
+//! (see the `engine::http` docs), on loopback unless told otherwise. Its
+//! KV pages live in an embedded cache, or with `--remote` in a
+//! radixkv-server (the tenant's token from `--token` or `RADIXKV_TOKEN`).
+//! Once serving it prints `READY http=<address>` on stdout.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -40,8 +43,15 @@ struct ServeArgs {
     #[arg(long, default_value_t = 16)]
     page_size: usize,
     /// Host RAM of the embedded cache, in MiB.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, conflicts_with = "remote")]
     cache_mib: usize,
+    /// Keep the KV pages in a radixkv-server (`unix:/path` or `host:port`)
+    /// instead of an embedded cache.
+    #[arg(long, value_name = "TARGET")]
+    remote: Option<String>,
+    /// The tenant's bearer token for `--remote`.
+    #[arg(long, env = "RADIXKV_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Most sequences per forward pass.
     #[arg(long, default_value_t = 16)]
     max_batch: usize,
@@ -72,14 +82,25 @@ fn main() -> anyhow::Result<()> {
             .build_global()
             .context("sizing the thread pool")?;
     }
-    let config = EngineConfig::builder()
+    let mut config = EngineConfig::builder()
         .model_path(args.model.unwrap_or_else(default_model_path))
         .page_size(args.page_size)
-        .host_bytes(args.cache_mib << 20)
-        .build()?;
+        .host_bytes(args.cache_mib << 20);
+    if let Some(target) = &args.remote {
+        config = config.remote(target, args.token.clone());
+    }
+    let config = config.build()?;
     let began = std::time::Instant::now();
-    let engine = Arc::new(Engine::load(config)?);
-    tracing::info!(model = engine.model().id(), took = ?began.elapsed(), "model loaded");
+    let engine = Arc::new(Engine::load(config).with_context(|| match &args.remote {
+        Some(target) => format!("starting the engine with the cache at {target}"),
+        None => "starting the engine".into(),
+    })?);
+    tracing::info!(
+        model = engine.model().id(),
+        took = ?began.elapsed(),
+        cache = args.remote.as_deref().unwrap_or("embedded"),
+        "model loaded"
+    );
     let scheduler = Arc::new(Scheduler::start(
         engine,
         SchedulerConfig {
@@ -99,7 +120,9 @@ fn main() -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
-        tracing::info!(addr = %listener.local_addr()?, "serving the OpenAI-compatible API");
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, "serving the OpenAI-compatible API");
+        println!("READY http={addr}");
         tokio::select! {
             r = serve(listener, scheduler, http) => r.context("serving")?,
             _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
