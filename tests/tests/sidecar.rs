@@ -202,6 +202,16 @@ async fn hash_keyed_calls_name_pages_without_tokens() {
     assert_eq!(client.exists(&scope, &hashes).await.unwrap(), 4);
     let got = client.get(&scope, &hashes).await.unwrap();
     assert_eq!(got.len(), 4, "up to the first miss");
+    // Counted for the tenant as stores and loads by tokens are.
+    let page = server.metrics_text();
+    assert_eq!(
+        metric(&page, "radixkv_stored_pages_total{tenant=\"default\"}"),
+        4.0
+    );
+    assert_eq!(
+        metric(&page, "radixkv_loaded_bytes_total{tenant=\"default\"}"),
+        (4 * BLOCK) as f64
+    );
     for (p, b) in got.iter().enumerate() {
         assert_eq!(b.hash, hashes[p]);
         assert_eq!(&b.data[..], &block(4, p)[..]);

@@ -62,12 +62,16 @@ pub struct TenantCounters {
     /// Hit tokens by the fastest tier holding each page.
     pub hit_tokens: [AtomicU64; TIERS],
     pub loaded_bytes: AtomicU64,
-    pub stored_bytes: AtomicU64,
     pub stored_pages: AtomicU64,
     pub quota_evictions: AtomicU64,
 }
 
 impl TenantCounters {
+    /// Counts `pages` new pages, however they came in.
+    pub fn add_stored(&self, pages: usize) {
+        self.stored_pages.fetch_add(pages as u64, Ordering::Relaxed);
+    }
+
     pub fn hit_total(&self) -> u64 {
         self.hit_tokens
             .iter()
@@ -198,6 +202,30 @@ impl Metrics {
         for (t, c) in &tenants {
             let miss = load(&c.lookup_tokens).saturating_sub(c.hit_total());
             let _ = writeln!(out, "radixkv_miss_tokens_total{{tenant=\"{t}\"}} {miss}");
+        }
+        counter_header(
+            out,
+            "radixkv_stored_pages_total",
+            "New pages a tenant stored (Store, CommitShm, Set).",
+        );
+        for (t, c) in &tenants {
+            let _ = writeln!(
+                out,
+                "radixkv_stored_pages_total{{tenant=\"{t}\"}} {}",
+                load(&c.stored_pages)
+            );
+        }
+        counter_header(
+            out,
+            "radixkv_loaded_bytes_total",
+            "Block bytes a tenant loaded over gRPC (Load, Get).",
+        );
+        for (t, c) in &tenants {
+            let _ = writeln!(
+                out,
+                "radixkv_loaded_bytes_total{{tenant=\"{t}\"}} {}",
+                load(&c.loaded_bytes)
+            );
         }
         counter_header(
             out,

@@ -589,13 +589,10 @@ impl CacheService {
             }
             return Ok(true);
         }
-        let counters = self.state.metrics.tenant(tenant);
-        counters
-            .stored_pages
-            .fetch_add(out.stored_pages as u64, Ordering::Relaxed);
-        counters
-            .stored_bytes
-            .fetch_add((out.stored_pages * bb) as u64, Ordering::Relaxed);
+        self.state
+            .metrics
+            .tenant(tenant)
+            .add_stored(out.stored_pages);
         let o = outcome.get_or_insert(StoreResponse {
             cached_pages: out.cached_pages.min(end) as u32,
             stored_pages: 0,
@@ -698,11 +695,7 @@ impl CacheService {
         s.metrics
             .shm_store_bytes
             .fetch_add(bytes, Ordering::Relaxed);
-        let counters = s.metrics.tenant(&tenant.name);
-        counters
-            .stored_pages
-            .fetch_add(out.stored_pages as u64, Ordering::Relaxed);
-        counters.stored_bytes.fetch_add(bytes, Ordering::Relaxed);
+        s.metrics.tenant(&tenant.name).add_stored(out.stored_pages);
         s.enforce_quota(&tenant);
         Ok(Response::new(StoreResponse {
             cached_pages: out.cached_pages as u32,
@@ -846,7 +839,8 @@ impl CacheService {
             };
             let follows = run.hashes.last().copied() == parent && !run.hashes.is_empty();
             if !follows || run.hashes.len() == STORE_BATCH {
-                self.flush_set(ns, &mut run, &mut total).await?;
+                self.flush_set(&tenant.name, ns, &mut run, &mut total)
+                    .await?;
                 run.parent = parent;
             }
             run.hashes.push(hash);
@@ -854,7 +848,8 @@ impl CacheService {
             run.data.extend_from_slice(&m.data);
         }
         if let Some(ns) = ns {
-            self.flush_set(ns, &mut run, &mut total).await?;
+            self.flush_set(&tenant.name, ns, &mut run, &mut total)
+                .await?;
             s.enforce_quota(&tenant);
         }
         Ok(Response::new(total))
@@ -862,6 +857,7 @@ impl CacheService {
 
     async fn flush_set(
         &self,
+        tenant: &str,
         ns: NamespaceId,
         run: &mut SetRun,
         total: &mut SetResponse,
@@ -885,10 +881,9 @@ impl CacheService {
         .await?;
         total.stored_pages += out.stored_pages as u32;
         total.cached_pages += out.cached_pages as u32;
-        self.state
-            .metrics
-            .grpc_store_bytes
-            .fetch_add(bytes, Ordering::Relaxed);
+        let metrics = &self.state.metrics;
+        metrics.grpc_store_bytes.fetch_add(bytes, Ordering::Relaxed);
+        metrics.tenant(tenant).add_stored(out.stored_pages);
         Ok(())
     }
 
