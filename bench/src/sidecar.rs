@@ -29,6 +29,13 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Grpc,
+    Shm,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Part {
     Lookup,
     Load,
@@ -67,12 +74,24 @@ pub struct SidecarArgs {
     /// Mixed: seconds.
     #[arg(long, default_value_t = 60.0)]
     pub mixed_seconds: f64,
+    /// Mixed: turns per second over all clients (each turn: lookup with a
+    /// lease, load the tail, release, store the new pages); 0 runs closed
+    /// loop, each client starting its next turn when the last ends. At a
+    /// rate, a turn's lookup latency counts from when the turn was due, so
+    /// a server that falls behind shows it (no coordinated omission).
+    #[arg(long, default_value_t = 0.0)]
+    pub mixed_rate: f64,
+    /// Mixed: how blocks move: over gRPC streams, or through the
+    /// shared-memory host tier (LoadShm and ReserveShm + CommitShm).
+    #[arg(long, value_enum, default_value = "grpc")]
+    pub transport: Transport,
     /// Directory for the servers' data (disk tier, socket).
     #[arg(long, default_value = ".")]
     pub dir: PathBuf,
-    /// Lookup: measure against a running radixkv-server instead of one in
-    /// this process (`unix:/path` or `host:port`; page size 16, block size
-    /// 4096, room for the prompt; the server's default tenant).
+    /// Lookup and mixed: drive a running radixkv-server instead of one in
+    /// this process (`unix:/path` or `host:port`, the server's default
+    /// tenant; its page and block size are read from Info; lookup needs
+    /// room for the prompt, mixed for its 64-page system prompt).
     #[arg(long)]
     pub connect: Option<String>,
     /// Lookup: with `--connect`, also measure that server's local socket
@@ -140,6 +159,10 @@ struct LoadResult {
 #[derive(Debug, Serialize)]
 struct MixedResult {
     clients: usize,
+    transport: Transport,
+    /// Turns per second asked for (0: closed loop) and achieved.
+    target_turns_per_s: f64,
+    turns_per_s: f64,
     seconds: f64,
     calls: u64,
     errors: u64,
@@ -152,12 +175,14 @@ struct MixedResult {
     /// means these stay close once the host tier has filled.
     rss_early_bytes: u64,
     rss_end_bytes: u64,
-    cap_bytes: u64,
+    /// The in-process server's host tier (unknown with --connect).
+    cap_bytes: Option<u64>,
     /// Leases still held once every client finished (each released its
     /// own): anything but zero is a leak.
     leases_left: u64,
-    /// Host slots in use at the end beyond the pages the index holds.
-    slots_leaked: i64,
+    /// Host slots in use at the end beyond the pages the index holds
+    /// (unknown against a server in another process).
+    slots_leaked: Option<i64>,
 }
 
 fn parse_size(s: &str) -> Result<usize> {
@@ -623,78 +648,137 @@ fn rss_bytes() -> u64 {
 
 async fn mixed(args: &SidecarArgs) -> Result<MixedResult> {
     let dir = tempfile::tempdir_in(&args.dir)?;
-    let (ps, bb) = (16, 64 << 10);
     let host_bytes = 256 << 20;
-    let server = start_server(dir.path(), ps, bb, host_bytes).await?;
-    let unix = format!("unix:{}", server.unix.as_ref().unwrap().display());
+    let server = match args.connect {
+        Some(_) => None,
+        None => Some(start_server(dir.path(), 16, 64 << 10, host_bytes).await?),
+    };
+    let target = match (&args.connect, &server) {
+        (Some(t), _) => t.clone(),
+        (None, Some(s)) => format!("unix:{}", s.unix.as_ref().unwrap().display()),
+        (None, None) => unreachable!("a server was started"),
+    };
     let scope = Scope::model("bench");
+    let setup = Client::connect(&target, None).await?;
+    let info = setup.info(&scope).await?;
+    let (ps, bb) = (info.page_size, info.block_bytes);
+    let shm = match args.transport {
+        Transport::Grpc => None,
+        Transport::Shm => Some(Arc::new(SharedTier::open(&info).context(
+            "--transport shm needs the server's shared-memory host tier (shm_path)",
+        )?)),
+    };
     // A shared system prompt of 64 pages, and per-client suffixes.
     let system: Vec<u32> = (0..64 * ps as u32).collect();
-    let setup = Client::connect(&unix, None).await?;
     setup
         .store(&scope, &system, 0, Bytes::from(vec![1u8; 64 * bb]), bb)
         .await?;
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
     let calls = Arc::new(AtomicU64::new(0));
+    let turns = Arc::new(AtomicU64::new(0));
     let peak = Arc::new(AtomicU64::new(rss_bytes()));
+    // Open loop: each client's turns fall due at an even share of the rate,
+    // the clients' schedules staggered across one interval.
+    let interval = (args.mixed_rate > 0.0)
+        .then(|| Duration::from_secs_f64(args.mixed_clients as f64 / args.mixed_rate));
+    let began = tokio::time::Instant::now();
+    let clients = args.mixed_clients as f64;
     let mut tasks = Vec::new();
     for c in 0..args.mixed_clients {
-        let client = Client::connect(&unix, None).await?;
-        let (stop, errors, calls, scope, system) = (
+        let client = Client::connect(&target, None).await?;
+        let (stop, errors, calls, turns, scope, system, shm) = (
             stop.clone(),
             errors.clone(),
             calls.clone(),
+            turns.clone(),
             scope.clone(),
             system.clone(),
+            shm.clone(),
         );
         tasks.push(tokio::spawn(async move {
             let mut lat: [Samples; 3] = Default::default();
             let mut round = 0u32;
+            let mut due = interval.map(|iv| began + iv.mul_f64(c as f64 / clients));
+            let fail = |ok: bool| {
+                if !ok {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            };
             while !stop.load(Ordering::Relaxed) {
+                let t = match (due, interval) {
+                    (Some(at), Some(iv)) => {
+                        tokio::time::sleep_until(at).await;
+                        due = Some(at + iv);
+                        at.into_std()
+                    }
+                    _ => Instant::now(),
+                };
                 round += 1;
                 // This client's next turn: the system prompt, then 4 pages of its own.
                 let mut tokens = system.clone();
                 tokens.extend(
                     (0..4 * ps as u32).map(|i| 1_000_000 + c as u32 * 100_000 + round * 100 + i),
                 );
-                let t = Instant::now();
                 let hit = client.lookup(&scope, &tokens, Some(10_000), false).await;
                 lat[0].add(t.elapsed().as_nanos() as u64);
                 calls.fetch_add(1, Ordering::Relaxed);
                 let Ok(hit) = hit else {
-                    errors.fetch_add(1, Ordering::Relaxed);
+                    fail(false);
                     continue;
                 };
                 if let Some(lease) = hit.lease {
                     let t = Instant::now();
                     let first = hit.pages.saturating_sub(8);
-                    let r = client.load_each(lease, first, hit.pages - first, |_, d| {
-                        std::hint::black_box(d);
-                    });
-                    if r.await.is_err() {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                    }
+                    let n = hit.pages - first;
+                    let ok = match &shm {
+                        None => client
+                            .load_each(lease, first, n, |_, d| {
+                                std::hint::black_box(d);
+                            })
+                            .await
+                            .is_ok(),
+                        Some(shm) => match client.load_shm(lease, first, n).await {
+                            Ok(offsets) => offsets
+                                .iter()
+                                .all(|&o| shm.block(o).map(std::hint::black_box).is_ok()),
+                            Err(_) => false,
+                        },
+                    };
+                    fail(ok);
                     lat[1].add(t.elapsed().as_nanos() as u64);
-                    if client.release(lease).await.is_err() {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                    }
+                    fail(client.release(lease).await.is_ok());
                     calls.fetch_add(2, Ordering::Relaxed);
                 }
                 let pages = tokens.len() / ps;
                 if hit.pages < pages {
                     let t = Instant::now();
-                    let data = Bytes::from(vec![round as u8; (pages - hit.pages) * bb]);
-                    if client
-                        .store(&scope, &tokens, hit.pages, data, bb)
-                        .await
-                        .is_err()
-                    {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                    }
+                    let block = vec![round as u8; bb];
+                    let n = pages - hit.pages;
+                    let ok = match &shm {
+                        None => {
+                            let data = Bytes::from(block.repeat(n));
+                            client
+                                .store(&scope, &tokens, hit.pages, data, bb)
+                                .await
+                                .is_ok()
+                        }
+                        Some(shm) => match client.reserve_shm(n, 10_000).await {
+                            Ok((reservation, offsets)) => {
+                                offsets.iter().all(|&o| shm.write(o, &block).is_ok())
+                                    && client
+                                        .commit_shm(reservation, &scope, &tokens, hit.pages)
+                                        .await
+                                        .is_ok()
+                            }
+                            Err(_) => false,
+                        },
+                    };
+                    fail(ok);
                     lat[2].add(t.elapsed().as_nanos() as u64);
                     calls.fetch_add(1, Ordering::Relaxed);
                 }
+                turns.fetch_add(1, Ordering::Relaxed);
             }
             lat
         }));
@@ -733,16 +817,20 @@ async fn mixed(args: &SidecarArgs) -> Result<MixedResult> {
     let seconds = start.elapsed().as_secs_f64();
     let rss_end = rss_bytes();
     let stats = setup.stats().await?;
-    let host_used = {
+    let mut slots_leaked = None;
+    if let Some(server) = server {
         use tiers::BlockPool;
-        i64::from(server.cache().host_pool().used())
-    };
-    let slots_leaked = host_used - stats.tier_pages[radix_tree::Tier::Host.index()] as i64;
-    server.shutdown().await?;
+        let host_used = i64::from(server.cache().host_pool().used());
+        slots_leaked = Some(host_used - stats.tier_pages[radix_tree::Tier::Host.index()] as i64);
+        server.shutdown().await?;
+    }
     let [lookup, load, store] = all;
     let calls = calls.load(Ordering::Relaxed);
     Ok(MixedResult {
         clients: args.mixed_clients,
+        transport: args.transport,
+        target_turns_per_s: args.mixed_rate,
+        turns_per_s: turns.load(Ordering::Relaxed) as f64 / seconds,
         seconds,
         calls,
         errors: errors.load(Ordering::Relaxed),
@@ -753,7 +841,7 @@ async fn mixed(args: &SidecarArgs) -> Result<MixedResult> {
         peak_rss_bytes: peak.load(Ordering::Relaxed),
         rss_early_bytes: rss_early,
         rss_end_bytes: rss_end,
-        cap_bytes: host_bytes as u64,
+        cap_bytes: args.connect.is_none().then_some(host_bytes as u64),
         leases_left: stats.leases,
         slots_leaked,
     })
@@ -856,24 +944,38 @@ fn table(r: &Results) -> String {
         );
     }
     if let Some(m) = &r.mixed {
+        let pace = if m.target_turns_per_s > 0.0 {
+            format!("{:.0} turns/s asked", m.target_turns_per_s)
+        } else {
+            "closed loop".into()
+        };
         let _ = writeln!(
             out,
-            "\nmixed load: {} clients for {:.0} s: {} calls ({:.0}/s), {} errors; peak RSS {:.0} MiB (host tier {:.0} MiB)",
+            "\nmixed load over {:?}: {} clients for {:.0} s, {pace}: {:.0} turns/s, {} calls ({:.0}/s), {} errors; peak RSS {:.0} MiB{}",
+            m.transport,
             m.clients,
             m.seconds,
+            m.turns_per_s,
             m.calls,
             m.calls_per_s,
             m.errors,
             m.peak_rss_bytes as f64 / (1 << 20) as f64,
-            m.cap_bytes as f64 / (1 << 20) as f64
+            m.cap_bytes.map_or(" (this process only)".into(), |c| format!(
+                " (host tier {} MiB)",
+                c >> 20
+            ))
         );
+        let leaked = m
+            .slots_leaked
+            .map_or("unknown (server in another process)".to_string(), |n| {
+                n.to_string()
+            });
         let _ = writeln!(
             out,
-            "  RSS {:.0} MiB after a tenth of the run, {:.0} MiB at the end; leases left {}, host slots leaked {}",
+            "  RSS {:.0} MiB after a tenth of the run, {:.0} MiB at the end; leases left {}, host slots leaked {leaked}",
             m.rss_early_bytes as f64 / (1 << 20) as f64,
             m.rss_end_bytes as f64 / (1 << 20) as f64,
             m.leases_left,
-            m.slots_leaked
         );
         for (name, p) in [
             ("lookup", &m.lookup),
