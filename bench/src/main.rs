@@ -4,8 +4,11 @@
 mod belady;
 mod capacity;
 mod chart;
+mod engine_bench;
+mod openai;
 #[cfg(feature = "dynamo")]
 mod peer_dynamo;
+mod peer_llama;
 mod peer_redis;
 mod progress;
 mod replay;
@@ -61,6 +64,13 @@ enum Command {
     /// GET of the same blocks (Redis is installed and started on loopback);
     /// and 64 concurrent clients mixing lookups, loads and stores.
     Sidecar(sidecar::SidecarArgs),
+    /// radixkv's decode engine beside llama.cpp's server on the same GGUF
+    /// (both started here, one after the other, 2 threads each): cold
+    /// prefill, decode with one and many streams, warm TTFT over a cached
+    /// system prompt, and agent sessions sharing a system prompt taking
+    /// turns; each figure beside llama.cpp's with the ratio. llama.cpp is
+    /// built by scripts/llama-cpp when missing.
+    Engine(engine_bench::EngineArgs),
     /// Draw a chart (SVG) from an earlier run's JSON: the latency CDF of
     /// each call of `bench sidecar --json`.
     Chart(chart::ChartArgs),
@@ -122,6 +132,7 @@ fn main() -> Result<()> {
         Command::Gen(args) => run_gen(&args),
         Command::Tiers(args) => tiers::run(&args),
         Command::Sidecar(args) => sidecar::run(&args),
+        Command::Engine(args) => engine_bench::run(&args),
         Command::Chart(args) => chart::run(&args),
     }
 }
