@@ -154,6 +154,14 @@ struct LoadResult {
     grpc_unix_gbps: f64,
     grpc_tcp_gbps: f64,
     redis_gbps: Option<f64>,
+    /// Stores of new prompts (`store_pages` each, evicting old ones once
+    /// the host tier is full), in GB/s handed to the server: streamed over gRPC
+    /// on the Unix socket, and written into reserved shared-memory slots
+    /// (ReserveShm + CommitShm); the peer is Redis SET of the same blocks.
+    store_pages: usize,
+    store_grpc_gbps: f64,
+    store_shm_gbps: f64,
+    redis_set_gbps: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -515,6 +523,11 @@ async fn load_throughput(
 
     let grpc_unix = grpc_rate(&unix, &scope, &tokens, pages, bb, threads, secs).await?;
     let grpc_tcp = grpc_rate(&tcp, &scope, &tokens, pages, bb, threads, secs).await?;
+    // Stores last: they evict the pages the loads read. Up to 8 pages a
+    // call, fewer where all clients' reservations would not fit the tier.
+    let store_pages = ((pages + 8) / (2 * threads)).clamp(1, 8);
+    let store_grpc = store_rate(&unix, None, bb, store_pages, threads, secs).await?;
+    let store_shm = store_rate(&unix, Some(shm.clone()), bb, store_pages, threads, secs).await?;
     server.shutdown().await?;
 
     let redis_rate = match redis {
@@ -545,8 +558,22 @@ async fn load_throughput(
                 }
                 n
             });
+            // SET: each connection overwrites its own cycle of keys.
+            let set_rate = rate_threads(threads, secs, |t| {
+                let mut conn = conns[t].lock();
+                let mut n = 0;
+                for p in 0..store_pages {
+                    let _: () = redis::cmd("SET")
+                        .arg(format!("set:{bb}:{t}:{p}"))
+                        .arg(&blocks[p * bb % blocks.len()..][..bb])
+                        .query(&mut *conn)
+                        .expect("redis SET");
+                    n += bb;
+                }
+                n
+            });
             let _: () = redis::cmd("FLUSHALL").query(&mut c)?;
-            Some(rate)
+            Some((rate, set_rate))
         }
     };
     Ok(LoadResult {
@@ -556,8 +583,66 @@ async fn load_throughput(
         shm_gbps: shm_rate / 1e9,
         grpc_unix_gbps: grpc_unix / 1e9,
         grpc_tcp_gbps: grpc_tcp / 1e9,
-        redis_gbps: redis_rate.map(|r| r / 1e9),
+        redis_gbps: redis_rate.map(|r| r.0 / 1e9),
+        store_pages,
+        store_grpc_gbps: store_grpc / 1e9,
+        store_shm_gbps: store_shm / 1e9,
+        redis_set_gbps: redis_rate.map(|r| r.1 / 1e9),
     })
+}
+
+/// Bytes per second that `threads` clients hand the server as stores of
+/// new `pages`-page prompts: gRPC streams, or (with `shm`) writes into
+/// reserved shared-memory slots committed by CommitShm.
+async fn store_rate(
+    target: &str,
+    shm: Option<Arc<SharedTier>>,
+    bb: usize,
+    pages: usize,
+    threads: usize,
+    secs: f64,
+) -> Result<f64> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let total = Arc::new(AtomicU64::new(0));
+    let scope = Scope::model("bench-store");
+    let mut tasks = Vec::new();
+    let start = Instant::now();
+    for t in 0..threads {
+        let client = Client::connect(target, None).await?;
+        let (stop, total, scope, shm) = (stop.clone(), total.clone(), scope.clone(), shm.clone());
+        tasks.push(tokio::spawn(async move {
+            let block = vec![t as u8; bb];
+            let data = Bytes::from(block.repeat(pages));
+            let mut round = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                round += 1;
+                // A prompt nobody stored: its first token is new.
+                let first = (t as u32) << 24 | round;
+                let tokens: Vec<u32> = std::iter::once(first)
+                    .chain(1..(pages * 16) as u32)
+                    .collect();
+                let stored = match &shm {
+                    None => client.store(&scope, &tokens, 0, data.clone(), bb).await?,
+                    Some(shm) => {
+                        let (reservation, offsets) = client.reserve_shm(pages, 10_000).await?;
+                        for &o in &offsets {
+                            shm.write(o, &block)?;
+                        }
+                        client.commit_shm(reservation, &scope, &tokens, 0).await?
+                    }
+                };
+                ensure!(stored.stored_pages == pages, "a new prompt is stored whole");
+                total.fetch_add((pages * bb) as u64, Ordering::Relaxed);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await??;
+    }
+    Ok(total.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
 }
 
 /// Bytes per second that `threads` clients (one connection each) copy
@@ -942,6 +1027,28 @@ fn table(r: &Results) -> String {
             out,
             "  targets: shm/memcpy >= 0.70, shm/redis >= 2, grpc/redis >= 1"
         );
+        let _ = writeln!(
+            out,
+            "\nstore throughput, GB/s handed to the server (new prompts of up to 8 pages, evicting)"
+        );
+        let _ = writeln!(
+            out,
+            "  {:>8} {:>9} {:>9} {:>9} {:>10} {:>11}",
+            "block", "shm", "grpc-uds", "redis SET", "shm/redis", "grpc/redis"
+        );
+        for l in &r.load {
+            let redis = l.redis_set_gbps.unwrap_or(f64::NAN);
+            let _ = writeln!(
+                out,
+                "  {:>7}K {:>9.2} {:>9.2} {:>9.2} {:>10.2} {:>11.2}",
+                l.block_bytes >> 10,
+                l.store_shm_gbps,
+                l.store_grpc_gbps,
+                redis,
+                l.store_shm_gbps / redis,
+                l.store_grpc_gbps / redis
+            );
+        }
     }
     if let Some(m) = &r.mixed {
         let pace = if m.target_turns_per_s > 0.0 {
