@@ -52,7 +52,11 @@ pub fn sidecar_cdf(v: &Value) -> Chart {
         let mut found: Vec<(String, &Value)> = Vec::new();
         for (call, p) in calls {
             match p.as_object() {
-                Some(_) if p.get("p50_us").is_some() => found.push((call.clone(), p)),
+                // The lookup part's own calls went over gRPC.
+                Some(_) if p.get("p50_us").is_some() && part == "lookup" => {
+                    found.push((format!("grpc {call}"), p))
+                }
+                Some(_) if p.get("p50_us").is_some() => found.push((format!("{part}: {call}"), p)),
                 Some(inner) => found.extend(
                     inner
                         .iter()
@@ -63,7 +67,7 @@ pub fn sidecar_cdf(v: &Value) -> Chart {
             }
         }
         for (call, p) in found {
-            let name = format!("{part}: {call}");
+            let name = call;
             let cdf: Vec<(f64, f64)> = p
                 .get("cdf")
                 .and_then(Value::as_array)
@@ -138,8 +142,8 @@ mod tests {
         assert_eq!(
             names,
             [
-                "lookup: health",
-                "lookup: lookup",
+                "grpc health",
+                "grpc lookup",
                 "mixed: lookup",
                 "mixed: store"
             ]
@@ -171,7 +175,7 @@ mod tests {
         });
         let c = sidecar_cdf(&v);
         let names: Vec<&str> = c.series.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, ["lookup: local lookup", "lookup: lookup"]);
+        assert_eq!(names, ["local lookup", "grpc lookup"]);
         assert_eq!(c.series[1].points.len(), p.cdf.len());
         assert_eq!(c.series[0].points[11], (5000.0, 0.5));
     }
