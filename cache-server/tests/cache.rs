@@ -79,6 +79,32 @@ fn store_then_lookup_and_read_returns_the_same_bytes() {
 }
 
 #[test]
+fn blocks_stored_one_slice_per_page_read_back_as_stored() {
+    let cache = Cache::open(config(64, None)).unwrap();
+    let ns = cache.namespace("tenant", "model", "").unwrap();
+    let tokens = prompt(3, 5);
+    let blocks: Vec<Vec<u8>> = (0..5).map(|p| block(3, p)).collect();
+    let slices: Vec<&[u8]> = blocks.iter().map(Vec::as_slice).collect();
+    // Pages 0..2 first, then the rest after them (one page overlaps).
+    let out = cache
+        .store_blocks(ns, &tokens[..2 * PAGE], 0, &slices[..2])
+        .unwrap();
+    assert_eq!((out.cached_pages, out.stored_pages), (0, 2));
+    let out = cache.store_blocks(ns, &tokens, 1, &slices[1..]).unwrap();
+    assert_eq!((out.cached_pages, out.stored_pages), (2, 3));
+    assert_eq!(read_all(&cache, ns, &tokens, 3), vec![Some(Tier::Host); 5]);
+    // Wrong counts and sizes are errors and store nothing.
+    let other = prompt(4, 2);
+    let short = &block(4, 0)[..BLOCK - 1];
+    for bad in [&slices[..1], &[short, slices[1]][..], &slices[..3]] {
+        assert!(cache.store_blocks(ns, &other, 0, bad).is_err());
+    }
+    assert!(cache.store_blocks(ns, &other, 3, &[]).is_err());
+    assert_eq!(read_all(&cache, ns, &other, 4), Vec::<Option<Tier>>::new());
+    cache.index().check_invariants();
+}
+
+#[test]
 fn tenants_never_see_each_others_pages() {
     let cache = Cache::open(config(64, None)).unwrap();
     let a = cache.namespace("a", "model", "").unwrap();

@@ -342,6 +342,54 @@ impl Cache {
                 pages - first_page
             )));
         }
+        self.store_with(ns, tokens, first_page, &|i| &data[i * bb..][..bb])
+    }
+
+    /// [`Cache::store`] with one slice per page instead of one buffer, so
+    /// a caller holding blocks apart (a server's received messages) need
+    /// not copy them together first.
+    pub fn store_blocks(
+        &self,
+        ns: NamespaceId,
+        tokens: &[u32],
+        first_page: usize,
+        blocks: &[&[u8]],
+    ) -> Result<StoreOutcome> {
+        self.reap();
+        let bb = self.config.block_bytes;
+        let pages = tokens.len() / self.config.page_size;
+        if first_page > pages {
+            return Err(CacheError::InvalidArgument(format!(
+                "first page {first_page} is past the prompt's {pages} whole pages"
+            )));
+        }
+        if blocks.len() != pages - first_page {
+            return Err(CacheError::InvalidArgument(format!(
+                "{} blocks for {} pages",
+                blocks.len(),
+                pages - first_page
+            )));
+        }
+        if let Some(b) = blocks.iter().find(|b| b.len() != bb) {
+            return Err(CacheError::InvalidArgument(format!(
+                "a block of {} bytes; blocks are {bb} bytes",
+                b.len()
+            )));
+        }
+        self.store_with(ns, tokens, first_page, &|i| blocks[i])
+    }
+
+    /// The store itself, once the input is checked: `block(i)` is the
+    /// block of page `first_page + i`.
+    fn store_with<'d>(
+        &self,
+        ns: NamespaceId,
+        tokens: &[u32],
+        first_page: usize,
+        block: &dyn Fn(usize) -> &'d [u8],
+    ) -> Result<StoreOutcome> {
+        let ps = self.config.page_size;
+        let pages = tokens.len() / ps;
         let key = self.key_bytes(ns)?;
         let cached = self.index.cached_pages(ns, tokens)?;
         if cached < first_page || cached >= pages {
@@ -353,10 +401,16 @@ impl Cache {
         let hashes = self.index.page_hashes(ns, &tokens[..pages * ps])?;
         let parent = cached.checked_sub(1).map(|i| hashes[i]);
         let new_tokens = &tokens[cached * ps..pages * ps];
-        let new_data = &data[(cached - first_page) * bb..];
+        let skip = cached - first_page;
         let top = self.top();
-        let slots =
-            self.write_blocks(&key, parent, new_tokens, &hashes[cached..], new_data, top)?;
+        let slots = self.write_blocks(
+            &key,
+            parent,
+            new_tokens,
+            &hashes[cached..],
+            &|p| block(skip + p),
+            top,
+        )?;
         let stored = self.insert_written(ns, parent, new_tokens, &hashes[cached..], top, slots)?;
         if self.config.write_mode == WriteMode::WriteThrough {
             self.write_through(ns, &hashes[cached..pages]);
@@ -426,7 +480,7 @@ impl Cache {
             first_parent,
             new_tokens,
             &hashes[cached..],
-            &data[cached * bb..],
+            &|p| &data[(cached + p) * bb..][..bb],
             top,
         )?;
         let stored =
@@ -443,17 +497,16 @@ impl Cache {
     /// Writes one block per page of `tokens` (the pages after `parent`,
     /// named `hashes`) into fresh slots of `tier`. On failure no slot is
     /// left allocated.
-    fn write_blocks(
+    fn write_blocks<'d>(
         &self,
         key: &[u8],
         parent: Option<PageHash>,
         tokens: &[u32],
         hashes: &[PageHash],
-        data: &[u8],
+        block: &dyn Fn(usize) -> &'d [u8],
         tier: Tier,
     ) -> Result<Vec<BlockId>> {
         let ps = self.config.page_size;
-        let bb = self.config.block_bytes;
         let pages = tokens.len() / ps;
         let pool = self.pool(tier).expect("the tier exists").clone();
         let mut slots = Vec::with_capacity(pages);
@@ -476,7 +529,7 @@ impl Cache {
                 &tokens[p * ps..(p + 1) * ps],
                 &mut meta_buf,
             );
-            if let Err(e) = pool.write(slot, &data[p * bb..][..bb], &meta_buf) {
+            if let Err(e) = pool.write(slot, block(p), &meta_buf) {
                 pool.free(slot);
                 self.free_all(tier, &slots);
                 return Err(e.into());

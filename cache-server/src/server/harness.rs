@@ -315,6 +315,40 @@ mod tests {
         assert!(h.call(call_no("Set"), &wrong).await.is_err());
         assert_eq!(host_pages(&h), 5);
 
+        // Blocks split across messages at odd offsets land byte-exact.
+        let data: Vec<u8> = (0..3 * BLOCK).map(|i| (i * 7 % 251) as u8).collect();
+        let mut split = frame(&StoreRequest {
+            header: Some(StoreHeader {
+                scope: None,
+                tokens: tokens(500..512),
+                first_page: 0,
+            }),
+            data: data[..100].to_vec().into(),
+        });
+        for range in [100..612, 612..613, 613..3 * BLOCK] {
+            split.extend(frame(&StoreRequest {
+                header: None,
+                data: data[range].to_vec().into(),
+            }));
+        }
+        h.call(call_no("Store"), &split).await.unwrap();
+        assert_eq!(host_pages(&h), 8);
+        let ns = h
+            .state
+            .namespaces
+            .resolve(&h.state.cache, super::super::auth::DEFAULT_TENANT, None)
+            .unwrap();
+        let t: Vec<u32> = (500..512).collect();
+        let hit = h
+            .cache()
+            .lookup(ns, &t, crate::LookupOptions::default())
+            .unwrap();
+        let mut page = vec![0u8; BLOCK];
+        for p in 0..3 {
+            h.cache().read(ns, &hit, p, &mut page).unwrap();
+            assert_eq!(page, data[p * BLOCK..][..BLOCK], "page {p}");
+        }
+
         // Broken bodies: a frame cut short, a compressed flag with no
         // compression agreed, a length past the message limit, garbage.
         let cut = &store[..store.len() - 7];
@@ -338,7 +372,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(host_pages(&h), 5, "nothing half-stored");
+        assert_eq!(host_pages(&h), 8, "nothing half-stored");
         h.cache().index().check_invariants();
     }
 }

@@ -511,7 +511,10 @@ impl CacheService {
         }
         let expected = (pages - first_page) * bb;
         let tokens = Arc::new(tokens);
-        let mut buf = BytesMut::with_capacity(expected.min(STORE_BATCH * bb));
+        // Whole blocks as received (slices of the messages, not copies),
+        // and the start of a block split across messages.
+        let mut blocks: Vec<Bytes> = Vec::with_capacity(STORE_BATCH);
+        let mut partial = BytesMut::new();
         let mut received = 0usize;
         let mut next = first_page;
         let mut outcome: Option<StoreResponse> = None;
@@ -525,13 +528,27 @@ impl CacheService {
                     pages - first_page
                 )));
             }
-            buf.extend_from_slice(&data);
-            while buf.len() >= STORE_BATCH * bb && !stopped {
-                let chunk = buf.split_to(STORE_BATCH * bb).freeze();
+            if !partial.is_empty() {
+                let take = (bb - partial.len()).min(data.len());
+                partial.extend_from_slice(&data.split_to(take));
+                if partial.len() == bb {
+                    blocks.push(partial.split().freeze());
+                }
+            }
+            while data.len() >= bb {
+                blocks.push(data.split_to(bb));
+            }
+            partial.extend_from_slice(&data);
+            while blocks.len() >= STORE_BATCH && !stopped {
+                let chunk: Vec<Bytes> = blocks.drain(..STORE_BATCH).collect();
                 stopped = self
                     .store_batch(&tenant.name, ns, &tokens, next, chunk, &mut outcome)
                     .await?;
                 next += STORE_BATCH;
+            }
+            if stopped {
+                // The rest is read to check its length, not kept.
+                blocks.clear();
             }
             match stream.message().await? {
                 Some(m) if m.header.is_some() => {
@@ -547,9 +564,9 @@ impl CacheService {
                 pages - first_page
             )));
         }
-        if !buf.is_empty() && !stopped {
-            let chunk = buf.split().freeze();
-            self.store_batch(&tenant.name, ns, &tokens, next, chunk, &mut outcome)
+        // `received == expected`: whole blocks only, nothing partial left.
+        if !blocks.is_empty() && !stopped {
+            self.store_batch(&tenant.name, ns, &tokens, next, blocks, &mut outcome)
                 .await?;
         }
         s.metrics
@@ -570,16 +587,20 @@ impl CacheService {
         ns: NamespaceId,
         tokens: &Arc<Vec<u32>>,
         start: usize,
-        chunk: Bytes,
+        chunk: Vec<Bytes>,
         outcome: &mut Option<StoreResponse>,
     ) -> Result<bool, Status> {
-        let (ps, bb) = (self.state.page_size(), self.state.block_bytes());
-        let end = start + chunk.len() / bb;
+        let ps = self.state.page_size();
+        let end = start + chunk.len();
         let state = self.state.clone();
         let tokens = tokens.clone();
-        let out =
-            blocking(move || Ok(state.cache.store(ns, &tokens[..end * ps], start, &chunk)?))
-                .await?;
+        let out = blocking(move || {
+            let blocks: Vec<&[u8]> = chunk.iter().map(|b| &b[..]).collect();
+            Ok(state
+                .cache
+                .store_blocks(ns, &tokens[..end * ps], start, &blocks)?)
+        })
+        .await?;
         if out.cached_pages < start {
             if outcome.is_none() {
                 return Err(Status::failed_precondition(format!(
