@@ -48,6 +48,7 @@ pub mod http;
 mod kv;
 mod matmul;
 mod model;
+mod quant;
 pub mod scheduler;
 mod simd;
 pub mod store;
