@@ -37,12 +37,12 @@ pub(crate) const QK: usize = 32;
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct Q41 {
     /// Column `j`'s scale, `f16` bits.
-    pub(crate) d: [u16; PANEL],
+    d: [u16; PANEL],
     /// Column `j`'s minimum, `f16` bits.
-    pub(crate) m: [u16; PANEL],
+    m: [u16; PANEL],
     /// `q[w][j]` holds column `j`'s nibbles for `k = 8w .. 8w + 8`, the
     /// one for `8w + s` in bits `4s .. 4s + 4`.
-    pub(crate) q: [[u32; PANEL]; 4],
+    q: [[u32; PANEL]; 4],
 }
 
 /// Q8_0 weights of one panel for 32 values of `k`.
@@ -50,7 +50,7 @@ pub(crate) struct Q41 {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct Q80 {
     /// Column `j`'s scale, `f16` bits.
-    pub(crate) d: [u16; PANEL],
+    d: [u16; PANEL],
     /// `q[kk][j]`: column `j` at `k = kk`.
     q: [[i8; PANEL]; QK],
 }
