@@ -40,7 +40,10 @@ pub(crate) fn forward(
     layout: &KvLayout,
     chunks: &mut [Chunk<'_>],
 ) -> Vec<Option<Vec<f32>>> {
-    forward_in_pool(model, layout, chunks)
+    // The whole pass on a worker of the pool: one hand-off per step instead
+    // of one per parallel loop (a dozen per layer), and the loops too small
+    // to split run inline.
+    rayon::scope(|_| forward_in_pool(model, layout, chunks))
 }
 
 fn forward_in_pool(
