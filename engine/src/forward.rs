@@ -121,38 +121,48 @@ fn forward_in_pool(
             row0 += ch.tokens.len();
         }
         // Attention, row by row and KV head by KV head (the query heads
-        // that share it go together), each over its own sequence's pages.
-        let group_dim = c.group() * hd;
-        let mut row0 = 0;
-        for ch in chunks.iter() {
-            let n = ch.tokens.len();
-            let last = ch.start + n - 1;
-            let pages: Vec<&[f32]> = (0..=last / ps)
-                .map(|p| {
-                    if p < ch.cached.len() {
-                        ch.cached[p]
-                    } else {
-                        ch.private.page(p)
-                    }
-                })
-                .collect();
-            let geom = AttnGeom {
-                layout,
-                layer: li,
-                head_dim: hd,
-            };
-            let qkv = &qkv;
-            att[row0 * q_dim..(row0 + n) * q_dim]
-                .par_chunks_mut(group_dim)
-                .with_min_len(1)
-                .enumerate()
-                .for_each(|(i, out)| {
-                    let (r, kvh) = (i / c.kv_heads, i % c.kv_heads);
-                    let q = &qkv[(row0 + r) * qkv_dim + kvh * group_dim..][..group_dim];
-                    attend_entry(&geom, &pages, kvh, q, ch.start + r, out)
-                });
-            row0 += n;
-        }
+        // that share it go together, so each page is read once), each row
+        // over its own sequence's pages. With too few rows to keep the
+        // threads busy (a decode step), query heads go one by one instead:
+        // the same arithmetic per head, and the pages a group shares stay
+        // in the shared cache between its heads.
+        let pages: Vec<Vec<&[f32]>> = chunks
+            .iter()
+            .map(|ch| {
+                let last = ch.start + ch.tokens.len() - 1;
+                (0..=last / ps)
+                    .map(|p| {
+                        if p < ch.cached.len() {
+                            ch.cached[p]
+                        } else {
+                            ch.private.page(p)
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let geom = AttnGeom {
+            layout,
+            layer: li,
+            head_dim: hd,
+        };
+        let group = c.group();
+        let per_task = if m * c.kv_heads >= 4 * rayon::current_num_threads() {
+            group
+        } else {
+            1
+        };
+        let tasks_per_row = c.heads / per_task;
+        let (qkv, rows, pages) = (&qkv, &rows, &pages);
+        att.par_chunks_mut(per_task * hd)
+            .with_min_len(1)
+            .enumerate()
+            .for_each(|(i, out)| {
+                let (r, head) = (i / tasks_per_row, i % tasks_per_row * per_task);
+                let (ch, pos) = rows[r];
+                let q = &qkv[r * qkv_dim + head * hd..][..per_task * hd];
+                attend_entry(&geom, &pages[ch], head / group, q, pos, out)
+            });
         matmul(&att, m, &layer.out, &mut proj);
         add(&mut x, &proj);
         rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut hbuf);
@@ -544,17 +554,21 @@ mod tests {
                     layer: 1,
                     head_dim,
                 };
-                let mut got = vec![0.0; heads * head_dim];
-                let gd = group * head_dim;
-                for (kvh, out) in got.chunks_exact_mut(gd).enumerate() {
-                    attend_entry(&geom, &pages, kvh, &q[kvh * gd..][..gd], pos, out);
+                // A KV head's query heads together, or one by one.
+                for per_task in [group, 1] {
+                    let mut got = vec![0.0; heads * head_dim];
+                    let td = per_task * head_dim;
+                    for (i, out) in got.chunks_exact_mut(td).enumerate() {
+                        let kvh = i * per_task / group;
+                        attend_entry(&geom, &pages, kvh, &q[i * td..][..td], pos, out);
+                    }
+                    assert!(
+                        got.iter()
+                            .zip(&want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "page size {ps}, group {group}, {per_task} per task, pos {pos}"
+                    );
                 }
-                assert!(
-                    got.iter()
-                        .zip(&want)
-                        .all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "page size {ps}, group {group}, pos {pos}"
-                );
             }
         }
     }
