@@ -1,9 +1,10 @@
 //! Reading the model file: hyperparameters and tokenizer tables from the
-//! GGUF metadata, and weights dequantized to F32 (candle's GGUF reader and
-//! dequantizers).
+//! GGUF metadata, and weights, raw or dequantized to F32 (candle's GGUF
+//! reader and dequantizers).
 
 use crate::error::{EngineError, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
 use std::fs::File;
 use std::io::{BufReader, Read};
@@ -212,6 +213,20 @@ impl GgufFile {
     /// (rows, columns: GGUF lists dimensions innermost first, so a weight
     /// of shape `[out, in]` is listed `[in, out]`).
     pub fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let t = self.qtensor(name, shape)?;
+        Ok(t.dequantize(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
+    }
+
+    /// A tensor as the file stores it: its type and its raw blocks
+    /// (row-major, checked against `shape` as for [`GgufFile::tensor`]).
+    pub fn raw_tensor(&mut self, name: &str, shape: &[usize]) -> Result<(GgmlDType, Vec<u8>)> {
+        let t = self.qtensor(name, shape)?;
+        Ok((t.dtype(), t.data()?.into_owned()))
+    }
+
+    fn qtensor(&mut self, name: &str, shape: &[usize]) -> Result<QTensor> {
         let t = self
             .content
             .tensor(&mut self.reader, name, &Device::Cpu)
@@ -222,8 +237,6 @@ impl GgufFile {
                 t.shape().dims()
             )));
         }
-        Ok(t.dequantize(&Device::Cpu)?
-            .flatten_all()?
-            .to_vec1::<f32>()?)
+        Ok(t)
     }
 }

@@ -54,6 +54,7 @@ pub mod http;
 mod kv;
 mod matmul;
 mod model;
+mod quant;
 pub mod sampling;
 pub mod scheduler;
 mod simd;

@@ -1,31 +1,40 @@
 //! The one matrix multiply of the forward pass: `Y = X · Wᵀ` over F32, for
 //! activations `X` (`m × k`, row-major) and a weight `W` (`n × k`) packed
-//! once at load.
+//! once at load, in F32 or kept in the file's Q4_1 / Q8_0 blocks.
 //!
 //! # Batch invariance
 //!
 //! Every output element `Y[i][j]` is one chain of fused multiply-adds over
 //! `k`, in order, starting from zero — the same chain whatever `m` is,
-//! whichever rows share a tile, and whichever thread runs it. So a token's
-//! hidden state does not depend on what else is in the batch: a prompt
-//! computed in one prefill, in chunks, or token by token in decode gives
-//! bit-identical KV and logits. That is what lets a cached prefix (computed
-//! by another request, in another batch) replace recomputation without
-//! changing a single output token. BLAS-style kernels (gemm included) pick
-//! different code paths and blockings by `m` and lose this.
+//! whichever rows share a tile, which kernel path runs, and whichever
+//! thread runs it. So a token's hidden state does not depend on what else
+//! is in the batch: a prompt computed in one prefill, in chunks, or token
+//! by token in decode gives bit-identical KV and logits. That is what lets
+//! a cached prefix (computed by another request, in another batch) replace
+//! recomputation without changing a single output token. BLAS-style
+//! kernels (gemm included) pick different code paths and blockings by `m`
+//! and lose this.
 //!
 //! # Kernel
 //!
-//! `W` is packed in panels of [`PANEL`] output columns, each panel `k ×
-//! PANEL` contiguous. A tile of up to [`ROWS`] rows of `X` (transposed to
-//! `k × rows`) meets one panel in an outer-product loop: for each `k`,
-//! broadcast one `X` value per row and FMA it with the panel's 16-wide row
-//! into `rows × 16` accumulators (12 AVX2 registers at 6 rows), `k` in
-//! blocks that keep a panel's block in L1 (a sum paused between blocks
-//! continues the same chain). Threads
-//! split the panels; each writes its own panel-major output, transposed
-//! into `Y` at the end.
+//! `W` is packed in panels of [`PANEL`] output columns. A tile of up to
+//! [`ROWS`] rows of `X` (transposed to `k × rows`) meets one panel in an
+//! outer-product loop: for each `k`, broadcast one `X` value per row and
+//! FMA it with the panel's 16-wide row into `rows × 16` accumulators (12
+//! AVX2 registers at 6 rows), `k` in blocks that keep a panel's block in
+//! L1 (a sum paused between blocks continues the same chain). Threads split
+//! the panels; each writes its own panel-major output, transposed into `Y`
+//! at the end.
+//!
+//! A quantized panel (see `quant`) is dequantized on the fly to exactly the
+//! `f32` values of the F32 path, so the chains and their results are the
+//! same bit for bit while a decode step streams a sixth of the bytes. Up
+//! to [`DIRECT_ROWS`] rows (decode), each `k` step's 16 weights are
+//! dequantized in registers and go straight into the FMAs; with more rows
+//! (prefill), each `k` block of a panel is dequantized once into an L1
+//! scratch and every tile of rows runs the F32 kernel over it.
 
+use crate::quant::{self, QBlock, Q41, Q80, QK};
 use rayon::prelude::*;
 
 /// Output columns per packed panel.
@@ -37,14 +46,27 @@ const ROWS: usize = 6;
 pub(crate) struct Packed {
     n: usize,
     k: usize,
-    /// Panel `p` is `data[p*k*PANEL..][..k*PANEL]`, element `(kk, j)` at
+    data: Data,
+}
+
+/// A packed matrix's panels, in the precision the file gave.
+enum Data {
+    /// Panel `p` is `v[p*k*PANEL..][..k*PANEL]`, element `(kk, j)` at
     /// `kk*PANEL + j` holding `W[p*PANEL + j][kk]`.
-    data: Vec<f32>,
+    F32(Vec<f32>),
+    /// Panel `p` is `v[p*k/QK..][..k/QK]`, one block per 32 values of `k`.
+    Q41(Vec<Q41>),
+    Q80(Vec<Q80>),
 }
 
 impl std::fmt::Debug for Packed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Packed({}x{})", self.n, self.k)
+        let format = match self.data {
+            Data::F32(_) => "F32",
+            Data::Q41(_) => "Q4_1",
+            Data::Q80(_) => "Q8_0",
+        };
+        write!(f, "Packed({}x{} {format})", self.n, self.k)
     }
 }
 
@@ -68,26 +90,164 @@ impl Packed {
                 }
             }
         }
-        Packed { n, k, data }
+        Packed {
+            n,
+            k,
+            data: Data::F32(data),
+        }
+    }
+
+    /// Packs a row-major `n × k` matrix of Q4_1 blocks as the GGUF file
+    /// stores them, keeping it quantized (see `quant`).
+    pub fn pack_q4_1(raw: &[u8], n: usize, k: usize) -> Packed {
+        Packed {
+            n,
+            k,
+            data: Data::Q41(quant::pack(raw, n, k)),
+        }
+    }
+
+    /// As [`Packed::pack_q4_1`], for Q8_0 blocks.
+    pub fn pack_q8_0(raw: &[u8], n: usize, k: usize) -> Packed {
+        Packed {
+            n,
+            k,
+            data: Data::Q80(quant::pack(raw, n, k)),
+        }
+    }
+
+    /// The same matrix in F32 (the values the kernels multiply by).
+    pub fn to_f32(&self) -> Packed {
+        fn unpack<B: QBlock>(blocks: &[B], k: usize) -> Vec<f32> {
+            let mut out = vec![0.0; blocks.len() * QK * PANEL];
+            // Blocks of a panel are consecutive and so are their values.
+            for (b, o) in blocks.iter().zip(out.chunks_exact_mut(QK * PANEL)) {
+                b.dequant(o);
+            }
+            debug_assert_eq!(out.len() % (k * PANEL), 0);
+            out
+        }
+        let data = match &self.data {
+            Data::F32(v) => v.clone(),
+            Data::Q41(b) => unpack(b, self.k),
+            Data::Q80(b) => unpack(b, self.k),
+        };
+        Packed {
+            n: self.n,
+            k: self.k,
+            data: Data::F32(data),
+        }
     }
 
     /// The matrices stacked by output columns (`[A; B; ...]`), for fused
-    /// projections; all must share `k`.
+    /// projections; all must share `k`. Parts of different precisions
+    /// stack in F32.
     pub fn concat(parts: &[Packed]) -> Packed {
         let k = parts[0].k;
         assert!(parts.iter().all(|p| p.k == k), "fused weights differ in k");
-        Packed {
-            n: parts.iter().map(|p| p.n).sum(),
-            k,
-            data: parts.iter().flat_map(|p| p.data.iter().copied()).collect(),
+        let n = parts.iter().map(|p| p.n).sum();
+        let data = match &parts[0].data {
+            Data::Q41(_) if parts.iter().all(|p| matches!(p.data, Data::Q41(_))) => Data::Q41(
+                parts
+                    .iter()
+                    .flat_map(|p| match &p.data {
+                        Data::Q41(v) => v.iter().copied(),
+                        _ => unreachable!(),
+                    })
+                    .collect(),
+            ),
+            Data::Q80(_) if parts.iter().all(|p| matches!(p.data, Data::Q80(_))) => Data::Q80(
+                parts
+                    .iter()
+                    .flat_map(|p| match &p.data {
+                        Data::Q80(v) => v.iter().copied(),
+                        _ => unreachable!(),
+                    })
+                    .collect(),
+            ),
+            _ => Data::F32(
+                parts
+                    .iter()
+                    .flat_map(|p| match p.to_f32().data {
+                        Data::F32(v) => v,
+                        _ => unreachable!(),
+                    })
+                    .collect(),
+            ),
+        };
+        Packed { n, k, data }
+    }
+
+    /// Output columns.
+    #[cfg(test)]
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Inner dimension.
+    #[cfg(test)]
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Whether the panels are kept quantized.
+    #[cfg(test)]
+    pub fn is_quantized(&self) -> bool {
+        !matches!(self.data, Data::F32(_))
+    }
+
+    /// Whether two packed matrices hold the same values, bit for bit, once
+    /// dequantized.
+    #[cfg(test)]
+    pub fn same_bits(&self, other: &Packed) -> bool {
+        match (self.to_f32().data, other.to_f32().data) {
+            (Data::F32(a), Data::F32(b)) => {
+                (self.n, self.k) == (other.n, other.k)
+                    && a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits())
+            }
+            _ => unreachable!("to_f32 gives F32"),
         }
     }
 
     /// Row `r` of `W` (an embedding lookup when `W` is the embedding).
     pub fn row(&self, r: usize, out: &mut [f32]) {
-        let panel = &self.data[(r / PANEL) * self.k * PANEL..][..self.k * PANEL];
-        for (o, chunk) in out.iter_mut().zip(panel.chunks_exact(PANEL)) {
-            *o = chunk[r % PANEL];
+        let (p, j) = (r / PANEL, r % PANEL);
+        match &self.data {
+            Data::F32(v) => {
+                let panel = &v[p * self.k * PANEL..][..self.k * PANEL];
+                for (o, chunk) in out.iter_mut().zip(panel.chunks_exact(PANEL)) {
+                    *o = chunk[j];
+                }
+            }
+            Data::Q41(b) => quant_row(&b[p * self.k / QK..][..self.k / QK], j, out),
+            Data::Q80(b) => quant_row(&b[p * self.k / QK..][..self.k / QK], j, out),
+        }
+    }
+}
+
+fn quant_row<B: QBlock>(panel: &[B], j: usize, out: &mut [f32]) {
+    for (b, o) in panel.iter().zip(out.chunks_exact_mut(QK)) {
+        for (kk, o) in o.iter_mut().enumerate() {
+            *o = b.value(kk, j);
+        }
+    }
+}
+
+/// Which kernels run: the scalar ones, or AVX2 + FMA (+ F16C for the
+/// quantized ones). Both give the same bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
+    Scalar,
+    Avx2,
+}
+
+impl Isa {
+    /// The fastest this CPU runs.
+    pub fn best() -> Isa {
+        if crate::simd::avx2_fma_f16c() {
+            Isa::Avx2
+        } else {
+            Isa::Scalar
         }
     }
 }
@@ -95,6 +255,11 @@ impl Packed {
 /// `y = x · wᵀ`: `x` is `m × k`, `y` is `m × n`, both row-major. See the
 /// module docs for why every element is computed the same way whatever `m`.
 pub(crate) fn matmul(x: &[f32], m: usize, w: &Packed, y: &mut [f32]) {
+    matmul_with(x, m, w, y, Isa::best())
+}
+
+/// [`matmul`] on the kernels of `isa`.
+pub(crate) fn matmul_with(x: &[f32], m: usize, w: &Packed, y: &mut [f32], isa: Isa) {
     let (n, k) = (w.n, w.k);
     assert_eq!(x.len(), m * k, "x is not {m}x{k}");
     assert_eq!(y.len(), m * n, "y is not {m}x{n}");
@@ -115,9 +280,24 @@ pub(crate) fn matmul(x: &[f32], m: usize, w: &Packed, y: &mut [f32]) {
     let panels = n / PANEL;
     let mut yp = vec![0.0f32; m * n];
     let per_task = panels.div_ceil(rayon::current_num_threads() * 4).max(1);
-    yp.par_chunks_mut(per_task * m * PANEL)
-        .zip(w.data.par_chunks(per_task * k * PANEL))
-        .for_each(|(out, wp)| panels_entry(&xt, m, k, wp, out));
+    let out = yp.par_chunks_mut(per_task * m * PANEL);
+    let xt = &xt;
+    match &w.data {
+        Data::F32(v) => out
+            .zip(v.par_chunks(per_task * k * PANEL))
+            .for_each(|(out, wp)| panels_entry(xt, m, k, wp, out, isa)),
+        Data::Q41(b) => out
+            .zip(b.par_chunks(per_task * k / QK))
+            .for_each(|(out, wp)| quant_entry(xt, m, k, wp, out, isa)),
+        Data::Q80(b) => out
+            .zip(b.par_chunks(per_task * k / QK))
+            .for_each(|(out, wp)| quant_entry(xt, m, k, wp, out, isa)),
+    }
+    if m == 1 {
+        // Panel-major is row-major for one row.
+        y.copy_from_slice(&yp);
+        return;
+    }
     for (p, block) in yp.chunks_exact(m * PANEL).enumerate() {
         for (i, r) in block.chunks_exact(PANEL).enumerate() {
             y[i * n + p * PANEL..][..PANEL].copy_from_slice(r);
@@ -125,20 +305,98 @@ pub(crate) fn matmul(x: &[f32], m: usize, w: &Packed, y: &mut [f32]) {
     }
 }
 
-/// [`panels`], with AVX2 and FMA where the CPU has them (same results; see
-/// `simd`).
-fn panels_entry(xt: &[f32], m: usize, k: usize, wp: &[f32], out: &mut [f32]) {
+/// [`panels`], with AVX2 and FMA where asked (same results; see `simd`).
+fn panels_entry(xt: &[f32], m: usize, k: usize, wp: &[f32], out: &mut [f32], isa: Isa) {
     #[cfg(target_arch = "x86_64")]
-    if crate::simd::avx2_fma() {
+    if isa == Isa::Avx2 {
         #[target_feature(enable = "avx2,fma")]
         fn fast(xt: &[f32], m: usize, k: usize, wp: &[f32], out: &mut [f32]) {
             panels(xt, m, k, wp, out)
         }
-        // SAFETY: `fast` needs AVX2 and FMA, which `avx2_fma` confirmed.
+        // SAFETY: `fast` needs AVX2 and FMA, which `Isa::best` confirmed.
         unsafe { fast(xt, m, k, wp, out) };
         return;
     }
+    let _ = isa;
     panels(xt, m, k, wp, out)
+}
+
+/// Rows up to which the quantized kernel dequantizes each `k` step in
+/// registers, straight into the FMAs; past it, it dequantizes a panel's
+/// `k` block once into L1 and runs the F32 tiles over it.
+/// (Measured here: direct is faster up to 4 rows; at 5 and more the
+/// accumulators crowd out the dequantizing registers.)
+const DIRECT_ROWS: usize = 4;
+
+/// The quantized panels in `wp` against all rows, into the panel-major
+/// `out`.
+fn quant_entry<B: quant::Kernel>(
+    xt: &[f32],
+    m: usize,
+    k: usize,
+    wp: &[B],
+    out: &mut [f32],
+    isa: Isa,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 {
+        // SAFETY: `quant_fast` needs AVX2, FMA and F16C, which `Isa::best`
+        // confirmed.
+        unsafe { quant_fast(xt, m, k, wp, out) };
+        return;
+    }
+    let _ = isa;
+    quant_panels(xt, m, k, wp, out, |blocks, scratch| {
+        for (b, s) in blocks.iter().zip(scratch.chunks_exact_mut(QK * PANEL)) {
+            b.dequant(s);
+        }
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn quant_fast<B: quant::Kernel>(xt: &[f32], m: usize, k: usize, wp: &[B], out: &mut [f32]) {
+    use quant::avx2;
+    if m <= DIRECT_ROWS {
+        let nb = k / QK;
+        for (panel, o) in wp.chunks_exact(nb).zip(out.chunks_exact_mut(m * PANEL)) {
+            match m {
+                4 => avx2::direct::<B, 4>(xt, ROWS, panel, o),
+                3 => avx2::direct::<B, 3>(xt, ROWS, panel, o),
+                2 => avx2::direct::<B, 2>(xt, ROWS, panel, o),
+                _ => avx2::direct::<B, 1>(xt, ROWS, panel, o),
+            }
+        }
+        return;
+    }
+    quant_panels(xt, m, k, wp, out, |blocks, scratch| {
+        avx2::dequant(blocks, scratch)
+    })
+}
+
+/// Each panel of `wp`, a `k` block at a time: `dequant` writes the block's
+/// F32 values into an L1 scratch, which every tile of rows then meets as
+/// the F32 path would.
+#[inline(always)]
+fn quant_panels<B: QBlock>(
+    xt: &[f32],
+    m: usize,
+    k: usize,
+    wp: &[B],
+    out: &mut [f32],
+    mut dequant: impl FnMut(&[B], &mut [f32]),
+) {
+    let mut scratch = [0.0f32; K_BLOCK * PANEL];
+    for (panel, o) in wp.chunks_exact(k / QK).zip(out.chunks_exact_mut(m * PANEL)) {
+        let mut k0 = 0;
+        while k0 < k {
+            let k1 = (k0 + K_BLOCK).min(k);
+            let wb = &mut scratch[..(k1 - k0) * PANEL];
+            dequant(&panel[k0 / QK..k1 / QK], wb);
+            tiles(xt, m, k, k0, k1, wb, o);
+            k0 = k1;
+        }
+    }
 }
 
 /// Rows of `k` per block: a panel's block (12 KiB) stays in L1 while every
@@ -155,22 +413,28 @@ fn panels(xt: &[f32], m: usize, k: usize, wp: &[f32], out: &mut [f32]) {
         let mut k0 = 0;
         while k0 < k {
             let k1 = (k0 + K_BLOCK).min(k);
-            let wb = &panel[k0 * PANEL..k1 * PANEL];
-            for (t, tile) in xt.chunks_exact(k * ROWS).enumerate() {
-                let rows = (m - t * ROWS).min(ROWS);
-                let xb = &tile[k0 * ROWS..k1 * ROWS];
-                let o = &mut o[t * ROWS * PANEL..][..rows * PANEL];
-                let first = k0 == 0;
-                match rows {
-                    6 => tile_kernel::<6>(xb, wb, o, first),
-                    5 => tile_kernel::<5>(xb, wb, o, first),
-                    4 => tile_kernel::<4>(xb, wb, o, first),
-                    3 => tile_kernel::<3>(xb, wb, o, first),
-                    2 => tile_kernel::<2>(xb, wb, o, first),
-                    _ => tile_kernel::<1>(xb, wb, o, first),
-                }
-            }
+            tiles(xt, m, k, k0, k1, &panel[k0 * PANEL..k1 * PANEL], o);
             k0 = k1;
+        }
+    }
+}
+
+/// Every tile of rows against one panel's block `k0..k1` (`wb`, `(k1 -
+/// k0) × PANEL`), continuing the sums in `o` (the panel's `m × PANEL`).
+#[inline(always)]
+fn tiles(xt: &[f32], m: usize, k: usize, k0: usize, k1: usize, wb: &[f32], o: &mut [f32]) {
+    for (t, tile) in xt.chunks_exact(k * ROWS).enumerate() {
+        let rows = (m - t * ROWS).min(ROWS);
+        let xb = &tile[k0 * ROWS..k1 * ROWS];
+        let o = &mut o[t * ROWS * PANEL..][..rows * PANEL];
+        let first = k0 == 0;
+        match rows {
+            6 => tile_kernel::<6>(xb, wb, o, first),
+            5 => tile_kernel::<5>(xb, wb, o, first),
+            4 => tile_kernel::<4>(xb, wb, o, first),
+            3 => tile_kernel::<3>(xb, wb, o, first),
+            2 => tile_kernel::<2>(xb, wb, o, first),
+            _ => tile_kernel::<1>(xb, wb, o, first),
         }
     }
 }
@@ -205,6 +469,7 @@ fn tile_kernel<const R: usize>(tile: &[f32], panel: &[f32], out: &mut [f32], fir
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::quantized::GgmlDType;
 
     fn naive(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
         let mut y = vec![0.0f32; m * n];
@@ -236,10 +501,107 @@ mod tests {
         let x = values(13 * k, 3);
         let full = naive(&x, 13, &w, n, k);
         for m in 1..=13 {
-            let mut y = vec![0.0; m * n];
-            matmul(&x[..m * k], m, &packed, &mut y);
-            // Bit-identical to the reference, so identical across batch sizes.
-            assert_eq!(y, full[..m * n], "m = {m}");
+            for isa in [Isa::best(), Isa::Scalar] {
+                let mut y = vec![0.0; m * n];
+                matmul_with(&x[..m * k], m, &packed, &mut y, isa);
+                // Bit-identical to the reference, so identical across batch
+                // sizes.
+                assert_eq!(y, full[..m * n], "m = {m}, {isa:?}");
+            }
+        }
+    }
+
+    /// A xorshift stream.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        /// An `f16`'s bits: mostly weight-like scales of either sign, and
+        /// now and then a zero of either sign or a subnormal.
+        fn half(&mut self) -> [u8; 2] {
+            let r = self.next();
+            let bits: u16 = match r % 16 {
+                0 => 0x0000,
+                1 => 0x8000,
+                2 => (r >> 8) as u16 & 0x83FF,
+                // Exponent fields 0 ..= 15 (subnormals, 2^-14 ..= 2^0),
+                // either sign.
+                _ => ((r >> 8) as u16 & 0x83FF) | ((((r >> 20) % 16) as u16) << 10),
+            };
+            bits.to_le_bytes()
+        }
+    }
+
+    /// Random GGUF blocks of `dtype` for an `n × k` matrix.
+    fn random_blocks(dtype: GgmlDType, n: usize, k: usize, rng: &mut Rng) -> Vec<u8> {
+        let mut raw = Vec::new();
+        for _ in 0..n * k / QK {
+            match dtype {
+                GgmlDType::Q4_1 => {
+                    raw.extend_from_slice(&rng.half());
+                    raw.extend_from_slice(&rng.half());
+                    raw.extend((0..16).map(|_| rng.next() as u8));
+                }
+                GgmlDType::Q8_0 => {
+                    raw.extend_from_slice(&rng.half());
+                    raw.extend((0..QK).map(|_| rng.next() as u8));
+                }
+                _ => unreachable!(),
+            }
+        }
+        raw
+    }
+
+    #[test]
+    fn quantized_kernels_equal_the_f32_kernel_on_candles_values_bit_for_bit() {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        // 40 panels: tasks of several panels, so the direct kernel runs
+        // panels side by side and one by one.
+        let (n, k) = (40 * PANEL, 2 * K_BLOCK + 3 * QK);
+        let x = values(70 * k, 5);
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let raw = random_blocks(dtype, n, k, &mut rng);
+            let f32_values = crate::quant::candle_dequant(dtype, &raw, n, k);
+            let reference = Packed::pack(&f32_values, n, k);
+            let q = match dtype {
+                GgmlDType::Q4_1 => Packed::pack_q4_1(&raw, n, k),
+                _ => Packed::pack_q8_0(&raw, n, k),
+            };
+            // The values themselves, and a row lookup.
+            match (&q.to_f32().data, &reference.data) {
+                (Data::F32(a), Data::F32(b)) => assert!(
+                    a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{dtype:?}: dequantized values differ"
+                ),
+                _ => unreachable!(),
+            }
+            let mut row = vec![0.0; k];
+            q.row(21, &mut row);
+            assert!(row
+                .iter()
+                .zip(&f32_values[21 * k..])
+                .all(|(a, b)| a.to_bits() == b.to_bits()));
+            // Every path (direct, through the scratch; SIMD and scalar) at
+            // every m against the F32 kernel.
+            for m in (1..=14).chain([31, 70]) {
+                let x = &x[..m * k];
+                let mut want = vec![0.0; m * n];
+                matmul_with(x, m, &reference, &mut want, Isa::Scalar);
+                for isa in [Isa::best(), Isa::Scalar] {
+                    let mut got = vec![0.0; m * n];
+                    matmul_with(x, m, &q, &mut got, isa);
+                    assert!(
+                        got.iter()
+                            .zip(&want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{dtype:?}, m = {m}, {isa:?}"
+                    );
+                }
+            }
         }
     }
 
@@ -254,5 +616,65 @@ mod tests {
         assert_eq!(row, a[3 * k..4 * k]);
         fused.row(n1 + 20, &mut row);
         assert_eq!(row, b[20 * k..21 * k]);
+    }
+
+    /// Times the quantized kernels against the F32 kernel on the model's
+    /// shapes (same values, same bits):
+    /// `cargo test --release -p engine --lib bench_matmul -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a benchmark"]
+    fn bench_matmul() {
+        let mut rng = Rng(7);
+        // Thirty copies of a layer's matrix, as in the model, so that the
+        // weights stream from memory as they do in a forward pass.
+        let shapes = [
+            ("gate_up", GgmlDType::Q4_1, 3072, 576, 30),
+            ("down", GgmlDType::Q4_1, 576, 1536, 30),
+            ("lm_head", GgmlDType::Q8_0, 49152, 576, 1),
+        ];
+        println!("threads: {}", rayon::current_num_threads());
+        for (name, dtype, n, k, copies) in shapes {
+            let q: Vec<Packed> = (0..copies)
+                .map(|_| {
+                    let raw = random_blocks(dtype, n, k, &mut rng);
+                    match dtype {
+                        GgmlDType::Q4_1 => Packed::pack_q4_1(&raw, n, k),
+                        _ => Packed::pack_q8_0(&raw, n, k),
+                    }
+                })
+                .collect();
+            let f: Vec<Packed> = q.iter().map(Packed::to_f32).collect();
+            for m in [1, 8, 64, 256] {
+                if name == "lm_head" && m > 8 {
+                    continue;
+                }
+                let x = values(m * k, 1);
+                let mut y = vec![0.0; m * n];
+                // Each ~0.1 s of repetitions, F32 and quantized taking
+                // turns; the best of seven each (the machine is shared).
+                let reps = (1e8 / (m * n * k) as f64).ceil() as usize;
+                let mut time = |ws: &[Packed]| {
+                    let t = std::time::Instant::now();
+                    for r in 0..reps {
+                        matmul(&x, m, &ws[r % ws.len()], &mut y);
+                    }
+                    t.elapsed().as_secs_f64() / reps as f64
+                };
+                let (mut tf, mut tq) = (f64::INFINITY, f64::INFINITY);
+                for _ in 0..7 {
+                    tf = tf.min(time(&f));
+                    tq = tq.min(time(&q));
+                }
+                let gflops = |t: f64| 2.0 * (m * n * k) as f64 / t / 1e9;
+                println!(
+                    "{name:8} {n:5}x{k:4} m={m:3}: F32 {:8.1} us {:6.1} GFLOP/s | {dtype:?} {:8.1} us {:6.1} GFLOP/s | x{:.2}",
+                    tf * 1e6,
+                    gflops(tf),
+                    tq * 1e6,
+                    gflops(tq),
+                    tf / tq
+                );
+            }
+        }
     }
 }

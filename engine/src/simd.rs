@@ -24,3 +24,19 @@ pub(crate) fn avx2_fma() -> bool {
         }
     })
 }
+
+/// Whether this CPU has AVX2, FMA and F16C (the quantized kernels' `f16`
+/// scales), checked once.
+pub(crate) fn avx2_fma_f16c() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            avx2_fma() && std::arch::is_x86_feature_detected!("f16c")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
