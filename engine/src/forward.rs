@@ -8,6 +8,7 @@
 //! invariance), so a token's results never depend on the batch around it
 //! or on whether its prefix came from the cache.
 
+use crate::exp::{exp, exp_sub};
 use crate::kv::{KvLayout, PrivatePages};
 use crate::matmul::matmul;
 use crate::model::{Model, MAX_GROUP};
@@ -171,9 +172,14 @@ fn forward_in_pool(
             .with_min_len(PAR_ROWS)
             .zip(gu.par_chunks(2 * c.ffn))
             .for_each(|(a, g)| {
+                // SiLU(gate) × up: e^-gate first, eight at a time.
                 let (gate, up) = g.split_at(c.ffn);
+                for (a, &g) in a.iter_mut().zip(gate) {
+                    *a = -g;
+                }
+                exp_sub(a, 0.0);
                 for ((a, &g), &u) in a.iter_mut().zip(gate).zip(up) {
-                    *a = g / (1.0 + (-g).exp()) * u;
+                    *a = g / (1.0 + *a) * u;
                 }
             });
         matmul(&act, m, &layer.down, &mut proj);
@@ -331,15 +337,15 @@ fn attend<const PS: usize, const G: usize>(
                 .copied()
                 .fold(f32::NEG_INFINITY, f32::max);
             let new_max = max[gi].max(page_max);
-            let corr = (max[gi] - new_max).exp();
+            let corr = exp(max[gi] - new_max);
             if corr != 1.0 {
                 sum[gi] *= corr;
                 acc[gi * hd..][..hd].iter_mut().for_each(|a| *a *= corr);
             }
             max[gi] = new_max;
-            for st in &mut s[gi][..valid] {
-                *st = (*st - new_max).exp();
-                sum[gi] += *st;
+            exp_sub(&mut s[gi][..valid], new_max);
+            for &st in &s[gi][..valid] {
+                sum[gi] += st;
             }
         }
         // Weighted values, along dimensions: each stretch of dimensions
@@ -474,14 +480,14 @@ mod tests {
                         .copied()
                         .fold(f32::NEG_INFINITY, f32::max);
                     let new_max = max[gi].max(page_max);
-                    let corr = (max[gi] - new_max).exp();
+                    let corr = crate::exp::exp(max[gi] - new_max);
                     if corr != 1.0 {
                         sum[gi] *= corr;
                         acc[gi * hd..][..hd].iter_mut().for_each(|a| *a *= corr);
                     }
                     max[gi] = new_max;
                     for st in &mut s[gi][..valid] {
-                        *st = (*st - new_max).exp();
+                        *st = crate::exp::exp(*st - new_max);
                         sum[gi] += *st;
                     }
                 }

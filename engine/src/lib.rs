@@ -48,6 +48,7 @@
 
 mod engine;
 mod error;
+mod exp;
 mod forward;
 mod gguf;
 pub mod http;
