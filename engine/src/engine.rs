@@ -349,7 +349,7 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Loads the model (dequantizing its weights) and opens the embedded
+    /// Loads the model (packing its weights) and opens the embedded
     /// cache, or checks the given one.
     pub fn load(config: EngineConfig) -> Result<Engine> {
         let (model, tokenizer) = Model::load(&config.model_path)?;

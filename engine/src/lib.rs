@@ -3,9 +3,11 @@
 //! radixkv cache indexes, so that a prompt's cached prefix is read, not
 //! recomputed.
 //!
-//! - [`Model`] reads the GGUF (candle's reader), dequantizes the weights
-//!   to F32 once and runs the llama forward written here (RMSNorm, RoPE,
-//!   grouped-query attention, SwiGLU) with a batch-invariant matmul.
+//! - [`Model`] reads the GGUF (candle's reader), keeps its Q4_1 and Q8_0
+//!   weights quantized (the matmul dequantizes them as it goes, to exactly
+//!   the F32 values candle's dequantizer gives) and runs the llama forward
+//!   written here (RMSNorm, RoPE, grouped-query attention, SwiGLU) with a
+//!   batch-invariant matmul.
 //! - [`Tokenizer`] is the model's byte-level BPE, built from the GGUF.
 //! - [`Engine`] looks each prompt up in the [`Cache`](cache_server::Cache),
 //!   leases the cached pages and reads them in place through the

@@ -1,11 +1,15 @@
 //! Choosing the instruction set for the hot loops, once per process.
 //!
-//! The kernels are written once, in plain Rust with `f32::mul_add`, as
+//! Most kernels are written once, in plain Rust with `f32::mul_add`, as
 //! `#[inline(always)]` functions, and each entry point compiles them twice:
 //! as is, and inlined into a `#[target_feature(enable = "avx2,fma")]`
-//! function (where LLVM vectorizes them), picked by [`avx2_fma`]. Both compute the same FMAs in the same
-//! order (`mul_add` is an exact fused multiply-add either way), so results
-//! never depend on which one ran: only speed does.
+//! function (where LLVM vectorizes them), picked by [`avx2_fma`]. Both
+//! compute the same FMAs in the same order (`mul_add` is an exact fused
+//! multiply-add either way), so results never depend on which one ran:
+//! only speed does. The quantized matmul (`quant`, also needing F16C: see
+//! [`avx2_fma_f16c`]) and `exp` are written twice instead, as AVX2
+//! intrinsics and as a scalar reference, with the same operations per
+//! value; tests hold the two to the same bits.
 
 use std::sync::OnceLock;
 
