@@ -4,10 +4,10 @@
 //! it sends each page's block once; and the binary's `--remote` (with the
 //! token from `RADIXKV_TOKEN`) does the same.
 
+mod common;
+
 use cache_server::server::{Server, ServerConfig, TenantConfig};
-use engine::{
-    default_model_path, Engine, EngineConfig, GenerateOptions, KvLayout, ModelConfig, RemoteStore,
-};
+use engine::{Engine, EngineConfig, GenerateOptions, KvLayout, ModelConfig, RemoteStore};
 use std::io::{BufRead, Read, Write};
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -16,39 +16,12 @@ use std::time::{Duration, Instant};
 
 #[test]
 fn generation_through_a_cache_server_is_cached_and_unchanged() {
-    let path = default_model_path();
-    if !path.exists() {
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED: model not fetched; run scripts/fetch-model ({} is missing)",
-            path.display()
-        );
+    let Some(path) = common::model_path() else {
         return;
-    }
-    let layout = KvLayout::new(&ModelConfig::read(&path).unwrap(), 16);
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("radixkv.sock");
-    let config = ServerConfig {
-        listen: None,
-        unix_socket: Some(socket.clone()),
-        metrics_listen: None,
-        data_dir: dir.path().to_path_buf(),
-        page_size: layout.page_size,
-        block_bytes: layout.block_bytes(),
-        layout: layout.digest(),
-        host_bytes: 128 * layout.block_bytes(),
-        disk_bytes: 0,
-        shm_path: Some(dir.path().join("host.shm")),
-        ..ServerConfig::default()
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let server = runtime.block_on(Server::start(config)).unwrap();
-
-    let store = RemoteStore::connect(&format!("unix:{}", socket.display()), None).unwrap();
+    let layout = KvLayout::new(&ModelConfig::read(&path).unwrap(), 16);
+    let srv = TestServer::start(&layout, Vec::new());
+    let store = RemoteStore::connect(&srv.target(), None).unwrap();
     assert!(store.uses_shm(), "the server's host tier is mapped");
     let engine = Engine::load(
         EngineConfig::builder()
@@ -75,7 +48,7 @@ fn generation_through_a_cache_server_is_cached_and_unchanged() {
     assert_eq!(first.tokens, reference.tokens);
     assert_eq!(second.tokens, reference.tokens);
     // The pages are the server's (its shared memory, read in place).
-    let stats = server.cache().index().stats();
+    let stats = srv.server().cache().index().stats();
     assert!(stats.pages as usize >= first.stored_pages);
     assert_eq!(
         engine
@@ -91,8 +64,6 @@ fn generation_through_a_cache_server_is_cached_and_unchanged() {
             .load(std::sync::atomic::Ordering::Relaxed),
         0
     );
-    drop(engine);
-    runtime.block_on(server.shutdown()).unwrap();
 }
 
 /// A radixkv server started in-process on a Unix socket (its host tier in
@@ -182,22 +153,9 @@ impl Drop for TestServer {
     }
 }
 
-fn model() -> Option<std::path::PathBuf> {
-    let path = default_model_path();
-    if !path.exists() {
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED: model not fetched; run scripts/fetch-model ({} is missing)",
-            path.display()
-        );
-        return None;
-    }
-    Some(path)
-}
-
 #[test]
 fn remote_stores_send_each_page_once() {
-    let Some(path) = model() else {
+    let Some(path) = common::model_path() else {
         return;
     };
     // 8-token pages: a short output fills several.
@@ -284,7 +242,7 @@ fn post(addr: std::net::SocketAddr, path: &str, body: &str) -> serde_json::Value
 
 #[test]
 fn the_binary_keeps_its_pages_in_a_cache_server_with_a_token() {
-    let Some(path) = model() else {
+    let Some(path) = common::model_path() else {
         return;
     };
     let layout = KvLayout::new(&ModelConfig::read(&path).unwrap(), 16);

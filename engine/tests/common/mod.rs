@@ -7,7 +7,23 @@
 use engine::{default_model_path, Engine, EngineConfig};
 use serde_json::Value;
 use std::io::Write;
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
+
+/// The fetched model's path; `None` (with a message) when it is missing.
+pub fn model_path() -> Option<PathBuf> {
+    let path = default_model_path();
+    if !path.exists() {
+        // Straight to stderr, past the test harness's capture.
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: model not fetched; run scripts/fetch-model ({} is missing)",
+            path.display()
+        );
+        return None;
+    }
+    Some(path)
+}
 
 /// The engine over the fetched model, shared by a test binary's tests;
 /// `None` (with a message) when the model is not fetched.
@@ -15,16 +31,7 @@ pub fn engine() -> Option<&'static Arc<Engine>> {
     static ENGINE: OnceLock<Option<Arc<Engine>>> = OnceLock::new();
     ENGINE
         .get_or_init(|| {
-            let path = default_model_path();
-            if !path.exists() {
-                // Straight to stderr, past the test harness's capture.
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "SKIPPED: model not fetched; run scripts/fetch-model ({} is missing)",
-                    path.display()
-                );
-                return None;
-            }
+            let path = model_path()?;
             let config = EngineConfig::builder()
                 .model_path(path)
                 .host_bytes(256 << 20)
