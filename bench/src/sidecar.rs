@@ -510,15 +510,11 @@ async fn load_throughput(
                 anyhow::Ok(())
             }));
         }
-        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-        stop.store(true, Ordering::Relaxed);
-        for t in tasks {
-            t.await??;
-        }
+        let rate = rate_after(secs, start, &stop, &total, tasks).await?;
         for l in leases {
             client.release(l).await?;
         }
-        total.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+        rate
     };
 
     let grpc_unix = grpc_rate(&unix, &scope, &tokens, pages, bb, threads, secs).await?;
@@ -637,6 +633,18 @@ async fn store_rate(
             anyhow::Ok(())
         }));
     }
+    rate_after(secs, start, &stop, &total, tasks).await
+}
+
+/// Lets `tasks` run for `secs`, stops them through `stop`, and returns the
+/// bytes per second they added to `total` since `start`.
+async fn rate_after(
+    secs: f64,
+    start: Instant,
+    stop: &AtomicBool,
+    total: &AtomicU64,
+    tasks: Vec<tokio::task::JoinHandle<Result<()>>>,
+) -> Result<f64> {
     tokio::time::sleep(Duration::from_secs_f64(secs)).await;
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
@@ -678,12 +686,7 @@ async fn grpc_rate(
             anyhow::Ok(())
         }));
     }
-    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await??;
-    }
-    Ok(total.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
+    rate_after(secs, start, &stop, &total, tasks).await
 }
 
 /// A client's latency samples, at most `SAMPLES_KEPT` of them (a uniform
