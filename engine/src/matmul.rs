@@ -276,11 +276,18 @@ pub(crate) fn matmul_with(x: &[f32], m: usize, w: &Packed, y: &mut [f32], isa: I
             tile[kk * ROWS + i % ROWS] = v;
         }
     }
-    // Panel-major output: panel p's m × PANEL block at p*m*PANEL.
+    // Panel-major output: panel p's m × PANEL block at p*m*PANEL (for one
+    // row, that is `y` itself; the kernels write every output, so it need
+    // not be zero).
     let panels = n / PANEL;
-    let mut yp = vec![0.0f32; m * n];
+    let mut yp = if m == 1 {
+        Vec::new()
+    } else {
+        vec![0.0f32; m * n]
+    };
+    let yp_out = if m == 1 { &mut *y } else { &mut yp[..] };
     let per_task = panels.div_ceil(rayon::current_num_threads() * 4).max(1);
-    let out = yp.par_chunks_mut(per_task * m * PANEL);
+    let out = yp_out.par_chunks_mut(per_task * m * PANEL);
     let xt = &xt;
     match &w.data {
         Data::F32(v) => out
@@ -294,8 +301,6 @@ pub(crate) fn matmul_with(x: &[f32], m: usize, w: &Packed, y: &mut [f32], isa: I
             .for_each(|(out, wp)| quant_entry(xt, m, k, wp, out, isa)),
     }
     if m == 1 {
-        // Panel-major is row-major for one row.
-        y.copy_from_slice(&yp);
         return;
     }
     for (p, block) in yp.chunks_exact(m * PANEL).enumerate() {
@@ -502,7 +507,7 @@ mod tests {
         let full = naive(&x, 13, &w, n, k);
         for m in 1..=13 {
             for isa in [Isa::best(), Isa::Scalar] {
-                let mut y = vec![0.0; m * n];
+                let mut y = vec![f32::NAN; m * n];
                 matmul_with(&x[..m * k], m, &packed, &mut y, isa);
                 // Bit-identical to the reference, so identical across batch
                 // sizes.
@@ -592,7 +597,8 @@ mod tests {
                 let mut want = vec![0.0; m * n];
                 matmul_with(x, m, &reference, &mut want, Isa::Scalar);
                 for isa in [Isa::best(), Isa::Scalar] {
-                    let mut got = vec![0.0; m * n];
+                    // NaN: every output is written, whatever was there.
+                    let mut got = vec![f32::NAN; m * n];
                     matmul_with(x, m, &q, &mut got, isa);
                     assert!(
                         got.iter()
