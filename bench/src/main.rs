@@ -10,6 +10,7 @@ mod openai;
 mod peer_dynamo;
 mod peer_llama;
 mod peer_redis;
+mod policy_lab;
 mod progress;
 mod replay;
 mod report;
@@ -71,6 +72,12 @@ enum Command {
     /// turns; each figure beside llama.cpp's with the ratio. llama.cpp is
     /// built by scripts/llama-cpp when missing.
     Engine(engine_bench::EngineArgs),
+    /// Try eviction ideas in seconds: a block-level simulator with the
+    /// replay's semantics (it reproduces the index's LRU and Belady hit
+    /// rates) runs candidate policies that are not in the index, beside
+    /// hindsight references. Prints hit rate per capacity and the ratio to
+    /// Belady.
+    PolicyLab(PolicyLabArgs),
     /// Draw a chart (SVG) from an earlier run's JSON: the latency CDF of
     /// each call of `bench sidecar --json`.
     Chart(chart::ChartArgs),
@@ -124,6 +131,24 @@ struct ReplayArgs {
     peer: bool,
 }
 
+#[derive(Debug, clap::Args)]
+struct PolicyLabArgs {
+    #[command(flatten)]
+    source: workload::SourceArgs,
+    /// Cache capacities in tokens, comma separated (SI suffixes: 1M = 10^6).
+    #[arg(long, default_value = "1M,3M,10M")]
+    capacity: String,
+    /// Tokens per trace block (Mooncake traces use 512).
+    #[arg(long, default_value_t = 512)]
+    block_tokens: u64,
+    /// Candidates, comma separated, or `all` (`--list` names them).
+    #[arg(long, default_value = "all")]
+    policy: String,
+    /// List the candidates and exit.
+    #[arg(long)]
+    list: bool,
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -134,6 +159,7 @@ fn main() -> Result<()> {
         Command::Sidecar(args) => sidecar::run(&args),
         Command::Engine(args) => engine_bench::run(&args),
         Command::Chart(args) => chart::run(&args),
+        Command::PolicyLab(args) => run_policy_lab(&args),
     }
 }
 
@@ -233,6 +259,55 @@ fn run_replay(args: ReplayArgs) -> Result<()> {
         args.json.as_deref(),
         args.svg.as_deref(),
     )
+}
+
+fn run_policy_lab(args: &PolicyLabArgs) -> Result<()> {
+    if args.list {
+        for (name, what) in policy_lab::CANDIDATES {
+            println!("{name:18} {what}");
+        }
+        return Ok(());
+    }
+    let caps = capacity::parse_list(&args.capacity, args.block_tokens)?;
+    let names: Vec<&str> = if args.policy == "all" {
+        policy_lab::CANDIDATES.iter().map(|(n, _)| *n).collect()
+    } else {
+        args.policy.split(',').map(str::trim).collect()
+    };
+    let source = args.source.load(args.block_tokens)?;
+    let w = policy_lab::World::new(&source.trace.as_tokens()?);
+    for name in &names {
+        if policy_lab::candidate(name, &w, 1).is_none() {
+            bail!("unknown candidate {name:?}; `bench policy-lab --list` names them");
+        }
+    }
+    let bound: Vec<f64> = caps
+        .iter()
+        .map(|c| policy_lab::simulate(&w, &mut policy_lab::Belady, c.blocks).hit_rate())
+        .collect();
+    println!(
+        "{}: {} requests, {} distinct blocks",
+        source.label,
+        w.reqs.len(),
+        w.blocks()
+    );
+    print!("{:18}", "candidate");
+    for c in &caps {
+        print!(" {:>7}", c.label);
+    }
+    println!("   of belady at each");
+    for name in &names {
+        print!("{name:18}");
+        let mut ratios = Vec::new();
+        for (c, b) in caps.iter().zip(&bound) {
+            let mut p = policy_lab::candidate(name, &w, c.blocks).expect("checked above");
+            let r = policy_lab::simulate(&w, p.as_mut(), c.blocks).hit_rate();
+            print!(" {r:7.3}");
+            ratios.push(format!("{:.3}", r / b.max(f64::MIN_POSITIVE)));
+        }
+        println!("   {}", ratios.join(" "));
+    }
+    Ok(())
 }
 
 fn run_gen(args: &GenArgs) -> Result<()> {

@@ -1,0 +1,868 @@
+//! Policy lab: a block-level cache simulator for trying eviction ideas in
+//! seconds, outside the index.
+//!
+//! It follows the replay's semantics (`replay.rs`) block by block: a
+//! request's hit is its longest cached prefix; then every block of the
+//! request is cached; then leaves (cached blocks with no cached child) are
+//! evicted, lowest key first, until the cache is back within capacity,
+//! never a block of the running request. Keys are re-ranked lazily as in
+//! the tree: a leaf's key is computed when it becomes a leaf or its own
+//! block is used, and recomputed when it reaches the front of the order (a
+//! key that rose is put back). It reproduces the index's LRU and Belady hit
+//! rates on the bundled trace exactly (a test checks it), so a candidate's
+//! figures here are what the index would give, give or take tie-breaks.
+//!
+//! A candidate sees only the past: `on_request` is called with the request
+//! being served (its blocks and its hit) before its blocks are cached, and
+//! `key` with the current time. Only the `belady` bound reads the future.
+//!
+//! What it showed on the bundled trace (3M tokens, Belady 0.550, LRU 0.309):
+//! hits come from ~400 documents (a root block and its requests, which
+//! share ~94% of their blocks); a document's arrivals are close to Poisson
+//! (gap CV ≈ 1) and neither its past gaps nor its length predict its
+//! future rate (correlation ≈ 0); only its count so far and its idle time
+//! do, and both weakly. Ranking by a table of *future* arrivals per (count,
+//! idle) state, fitted on the whole trace (`fitted-table`), reaches 0.335:
+//! the ceiling for online rankings built on those features. The online
+//! candidates here land at 0.29–0.325; `oracle-after-2` (0.392) needs each
+//! document's total count, i.e. hindsight.
+
+use std::collections::{BTreeSet, HashMap};
+
+const NONE: u32 = u32::MAX;
+
+/// The trace as dense block ids with the prefix tree they form.
+pub struct World {
+    /// Requests as dense block ids.
+    pub reqs: Vec<Vec<u32>>,
+    /// Parent block of each block (`NONE` for a root).
+    pub parent: Vec<u32>,
+    /// Root block of each block's path: its family (document).
+    pub root: Vec<u32>,
+    /// Request indices using each block, ascending (for the bound only).
+    uses: Vec<Vec<u32>>,
+}
+
+impl World {
+    /// `reqs`: block ids per request; an id always has the same parent.
+    pub fn new(raw: &[Vec<u32>]) -> Self {
+        let mut dense: HashMap<u32, u32> = HashMap::new();
+        let mut parent = Vec::new();
+        let mut root = Vec::new();
+        let mut uses: Vec<Vec<u32>> = Vec::new();
+        let mut reqs = Vec::with_capacity(raw.len());
+        for (i, r) in raw.iter().enumerate() {
+            let mut p = NONE;
+            let mut out = Vec::with_capacity(r.len());
+            for &id in r {
+                let b = *dense.entry(id).or_insert_with(|| {
+                    parent.push(p);
+                    root.push(if p == NONE {
+                        parent.len() as u32 - 1
+                    } else {
+                        root[p as usize]
+                    });
+                    uses.push(Vec::new());
+                    parent.len() as u32 - 1
+                });
+                if uses[b as usize].last() != Some(&(i as u32)) {
+                    uses[b as usize].push(i as u32);
+                }
+                out.push(b);
+                p = b;
+            }
+            reqs.push(out);
+        }
+        Self {
+            reqs,
+            parent,
+            root,
+            uses,
+        }
+    }
+
+    pub fn blocks(&self) -> usize {
+        self.parent.len()
+    }
+
+    /// The first request after `t` that uses `b` (`u32::MAX` if none).
+    pub fn next_use(&self, b: u32, t: usize) -> u32 {
+        let list = &self.uses[b as usize];
+        let i = list.partition_point(|&r| r as usize <= t);
+        list.get(i).copied().unwrap_or(u32::MAX)
+    }
+}
+
+/// A candidate eviction policy. Smaller keys are evicted first.
+pub trait LabPolicy {
+    /// Request `t` arrives: its blocks and how many leading ones hit.
+    /// Called before the request's blocks are cached.
+    fn on_request(&mut self, _w: &World, _t: usize, _req: &[u32], _hit: usize) {}
+    /// The rank of cached block `b` at time `t`.
+    fn key(&self, w: &World, b: u32, t: usize) -> u64;
+    /// Block `b` left the cache with rank `key`.
+    fn on_evict(&mut self, _w: &World, _b: u32, _key: u64, _t: usize) {}
+    /// True when keys change with time alone: every eviction then ranks
+    /// every leaf afresh (a scan; for exploring what an ideal ranking
+    /// would reach, not for the index).
+    fn dynamic(&self) -> bool {
+        false
+    }
+}
+
+/// An order-preserving key for a non-negative score.
+pub fn fkey(x: f64) -> u64 {
+    x.max(0.0).to_bits()
+}
+
+/// One simulation's outcome.
+#[derive(Debug, Clone, Copy)]
+pub struct LabResult {
+    pub hit_blocks: u64,
+    pub blocks: u64,
+    pub evicted: u64,
+}
+
+impl LabResult {
+    pub fn hit_rate(&self) -> f64 {
+        self.hit_blocks as f64 / self.blocks.max(1) as f64
+    }
+}
+
+/// Replays the world through `policy` at `capacity` blocks.
+pub fn simulate(w: &World, policy: &mut dyn LabPolicy, capacity: u64) -> LabResult {
+    let n = w.blocks();
+    let mut cached = vec![false; n];
+    let mut children = vec![0u32; n];
+    // The key each leaf is filed under (meaningful only for leaves).
+    let mut filed = vec![0u64; n];
+    let mut leaves: BTreeSet<(u64, u32)> = BTreeSet::new();
+    let mut size = 0u64;
+    let mut res = LabResult {
+        hit_blocks: 0,
+        blocks: 0,
+        evicted: 0,
+    };
+    for (t, req) in w.reqs.iter().enumerate() {
+        let hit = req.iter().take_while(|&&b| cached[b as usize]).count();
+        res.hit_blocks += hit as u64;
+        res.blocks += req.len() as u64;
+        policy.on_request(w, t, req, hit);
+        for &b in req {
+            let bi = b as usize;
+            if cached[bi] {
+                // Its key may have changed with this use: re-file it.
+                if children[bi] == 0 {
+                    leaves.remove(&(filed[bi], b));
+                    filed[bi] = policy.key(w, b, t);
+                    leaves.insert((filed[bi], b));
+                }
+                continue;
+            }
+            cached[bi] = true;
+            size += 1;
+            let p = w.parent[bi];
+            if p != NONE {
+                let pi = p as usize;
+                if children[pi] == 0 {
+                    leaves.remove(&(filed[pi], p));
+                }
+                children[pi] += 1;
+            }
+            filed[bi] = policy.key(w, b, t);
+            leaves.insert((filed[bi], b));
+        }
+        if size <= capacity {
+            continue;
+        }
+        // The request's last block is its only leaf; hold it out.
+        let last = *req.last().expect("requests are not empty");
+        let held = children[last as usize] == 0 && leaves.remove(&(filed[last as usize], last));
+        while size > capacity {
+            let Some((k, b)) = (if policy.dynamic() {
+                leaves
+                    .iter()
+                    .map(|&(_, b)| (policy.key(w, b, t), b))
+                    .min()
+                    .inspect(|&(_, b)| {
+                        leaves.remove(&(filed[b as usize], b));
+                        filed[b as usize] = policy.key(w, b, t);
+                    })
+            } else {
+                leaves.pop_first()
+            }) else {
+                break;
+            };
+            let now = policy.key(w, b, t);
+            if now != k {
+                filed[b as usize] = now;
+                leaves.insert((now, b));
+                continue;
+            }
+            policy.on_evict(w, b, k, t);
+            cached[b as usize] = false;
+            size -= 1;
+            res.evicted += 1;
+            let p = w.parent[b as usize];
+            if p != NONE {
+                let pi = p as usize;
+                children[pi] -= 1;
+                if children[pi] == 0 {
+                    filed[pi] = policy.key(w, p, t);
+                    leaves.insert((filed[pi], p));
+                }
+            }
+        }
+        if held {
+            leaves.insert((filed[last as usize], last));
+        }
+    }
+    res
+}
+
+// ---- shared history ------------------------------------------------------------
+
+/// What an online candidate may remember: per block and per family (root
+/// block), how many requests used it and when last. Kept for every block and
+/// family ever seen (a ghost as long as the trace: the lab measures what such
+/// history is worth, not what it costs).
+#[derive(Debug, Clone)]
+struct History {
+    block_uses: Vec<u32>,
+    block_last: Vec<u32>,
+    block_first: Vec<u32>,
+    fam_uses: Vec<u32>,
+    fam_last: Vec<u32>,
+}
+
+impl History {
+    fn new(w: &World) -> Self {
+        let n = w.blocks();
+        Self {
+            block_uses: vec![0; n],
+            block_last: vec![0; n],
+            block_first: vec![0; n],
+            fam_uses: vec![0; n],
+            fam_last: vec![0; n],
+        }
+    }
+
+    fn record(&mut self, w: &World, t: usize, req: &[u32]) {
+        for &b in req {
+            let b = b as usize;
+            if self.block_uses[b] == 0 {
+                self.block_first[b] = t as u32;
+            }
+            self.block_uses[b] += 1;
+            self.block_last[b] = t as u32;
+        }
+        let f = w.root[req[0] as usize] as usize;
+        self.fam_uses[f] += 1;
+        self.fam_last[f] = t as u32;
+    }
+
+    /// A known tail: a block used once in a family used more often (the
+    /// request-specific end of a shared document).
+    fn is_tail(&self, w: &World, b: usize) -> bool {
+        let f = w.root[b] as usize;
+        self.block_uses[b] == 1 && self.fam_uses[f] > 1
+    }
+
+    /// The block's count class and the time its clock started: its
+    /// family's, or its own for a tail.
+    fn class(&self, w: &World, b: usize, cap: u32) -> (usize, u32) {
+        if self.is_tail(w, b) {
+            (1, self.block_last[b])
+        } else {
+            let f = w.root[b] as usize;
+            (self.fam_uses[f].min(cap) as usize, self.fam_last[f])
+        }
+    }
+}
+
+/// Arrival rate per family count class, learned online: arrivals of
+/// families in class `k` over the time families spent in class `k`
+/// (Nelson–Aalen; the maximum-likelihood rate of exponential waits).
+#[derive(Debug, Clone)]
+struct ClassRates {
+    in_class: Vec<f64>,
+    arrivals: Vec<f64>,
+    exposure: Vec<f64>,
+    last_t: usize,
+}
+
+const CLASSES: u32 = 8;
+
+impl ClassRates {
+    fn new() -> Self {
+        let n = CLASSES as usize + 1;
+        Self {
+            in_class: vec![0.0; n],
+            arrivals: vec![0.0; n],
+            exposure: vec![0.0; n],
+            last_t: 0,
+        }
+    }
+
+    /// Family used `uses_before` times so far arrives at `t`.
+    fn arrive(&mut self, t: usize, uses_before: u32) {
+        let dt = (t - self.last_t) as f64;
+        for (e, n) in self.exposure.iter_mut().zip(&self.in_class) {
+            *e += n * dt;
+        }
+        self.last_t = t;
+        if uses_before > 0 {
+            let c = uses_before.min(CLASSES) as usize;
+            self.arrivals[c] += 1.0;
+            self.in_class[c] -= 1.0;
+        }
+        self.in_class[(uses_before + 1).min(CLASSES) as usize] += 1.0;
+    }
+
+    /// The class's rate, shrunk toward the pooled rate by one pseudo-arrival.
+    fn rate(&self, c: usize) -> f64 {
+        let pooled =
+            (self.arrivals.iter().sum::<f64>() + 1.0) / (self.exposure.iter().sum::<f64>() + 1.0);
+        (self.arrivals[c] + 1.0) / (self.exposure[c] + 1.0 / pooled)
+    }
+}
+
+// ---- reference policies ----------------------------------------------------
+
+/// Least recently used (block-level).
+#[derive(Debug, Default)]
+pub struct Lru {
+    last: Vec<u32>,
+}
+
+impl LabPolicy for Lru {
+    fn on_request(&mut self, w: &World, t: usize, req: &[u32], _: usize) {
+        self.last.resize(w.blocks(), 0);
+        for &b in req {
+            self.last[b as usize] = t as u32;
+        }
+    }
+    fn key(&self, _: &World, b: u32, _: usize) -> u64 {
+        u64::from(self.last[b as usize])
+    }
+}
+
+/// The offline bound: the leaf used furthest ahead goes first.
+#[derive(Debug)]
+pub struct Belady;
+
+impl LabPolicy for Belady {
+    fn key(&self, w: &World, b: u32, t: usize) -> u64 {
+        u64::MAX - u64::from(w.next_use(b, t))
+    }
+}
+
+/// Hindsight: each block's total uses in the trace (`after_second`: only
+/// once the block was used twice; before, it ranks below every such block,
+/// by recency).
+#[derive(Debug)]
+pub struct OracleCount {
+    total: Vec<u32>,
+    hist: History,
+    after_second: bool,
+}
+
+impl OracleCount {
+    pub fn new(w: &World, after_second: bool) -> Self {
+        let mut total = vec![0u32; w.blocks()];
+        for r in &w.reqs {
+            for &b in r {
+                total[b as usize] += 1;
+            }
+        }
+        Self {
+            total,
+            hist: History::new(w),
+            after_second,
+        }
+    }
+}
+
+impl LabPolicy for OracleCount {
+    fn on_request(&mut self, w: &World, t: usize, req: &[u32], _: usize) {
+        self.hist.record(w, t, req);
+    }
+    fn key(&self, _: &World, b: u32, _: usize) -> u64 {
+        let b = b as usize;
+        let recency = u64::from(self.hist.block_last[b]);
+        if self.after_second && self.hist.block_uses[b] < 2 {
+            recency
+        } else {
+            (1 << 62) + (u64::from(self.total[b]) << 32) + recency
+        }
+    }
+}
+
+// ---- online candidates ----------------------------------------------------------
+
+/// Frequency with full history: blocks used once go first (by recency),
+/// then by uses so far, ties by recency.
+#[derive(Debug)]
+pub struct LfuGhost {
+    hist: History,
+}
+
+impl LabPolicy for LfuGhost {
+    fn on_request(&mut self, w: &World, t: usize, req: &[u32], _: usize) {
+        self.hist.record(w, t, req);
+    }
+    fn key(&self, _: &World, b: u32, _: usize) -> u64 {
+        let b = b as usize;
+        (u64::from(self.hist.block_uses[b]) << 32) + u64::from(self.hist.block_last[b])
+    }
+}
+
+/// Empirical Bayes: each block arrives as a Poisson process; its rate's
+/// posterior mean after `k` uses in `T` requests since its first is
+/// `(a + k − 1) / (a / m + T)`, with `m` the population's rate learned
+/// online and shape `a = 1`. Ranked exactly at every eviction (the rate
+/// falls with time).
+#[derive(Debug)]
+pub struct EbRate {
+    hist: History,
+    arrivals: f64,
+    exposure: f64,
+    seen: f64,
+    last_t: usize,
+}
+
+impl LabPolicy for EbRate {
+    fn on_request(&mut self, w: &World, t: usize, req: &[u32], _: usize) {
+        self.exposure += self.seen * (t - self.last_t) as f64;
+        self.last_t = t;
+        for &b in req {
+            if self.hist.block_uses[b as usize] == 0 {
+                self.seen += 1.0;
+            } else {
+                self.arrivals += 1.0;
+            }
+        }
+        self.hist.record(w, t, req);
+    }
+    fn key(&self, _: &World, b: u32, t: usize) -> u64 {
+        let b = b as usize;
+        let m = (self.arrivals + 1.0) / (self.exposure + 1.0);
+        let k = f64::from(self.hist.block_uses[b]);
+        let age = (t - self.hist.block_first[b] as usize) as f64;
+        fkey((k) / (1.0 / m + age))
+    }
+    fn dynamic(&self) -> bool {
+        true
+    }
+}
+
+/// Learned hazard by (family count class, log₂ idle time): arrivals over
+/// exposure in each state, counted online for every family ever seen;
+/// a block ranks by its state's hazard now (tails as families used once).
+#[derive(Debug)]
+pub struct Hazard {
+    hist: History,
+    seen: Vec<u32>,
+    arrivals: Vec<f64>,
+    exposure: Vec<f64>,
+}
+
+const IDLE_BUCKETS: usize = 14;
+
+impl Hazard {
+    fn state(k: u32, idle: usize) -> usize {
+        let ib = ((usize::BITS - idle.leading_zeros()) as usize).min(IDLE_BUCKETS - 1);
+        k.min(CLASSES) as usize * IDLE_BUCKETS + ib
+    }
+}
+
+impl LabPolicy for Hazard {
+    fn on_request(&mut self, w: &World, t: usize, req: &[u32], _: usize) {
+        for &f in &self.seen {
+            let f = f as usize;
+            let st = Self::state(self.hist.fam_uses[f], t - self.hist.fam_last[f] as usize);
+            self.exposure[st] += 1.0;
+        }
+        let f = w.root[req[0] as usize] as usize;
+        if self.hist.fam_uses[f] == 0 {
+            self.seen.push(f as u32);
+        } else {
+            let st = Self::state(self.hist.fam_uses[f], t - self.hist.fam_last[f] as usize);
+            self.arrivals[st] += 1.0;
+        }
+        self.hist.record(w, t, req);
+    }
+    fn key(&self, w: &World, b: u32, t: usize) -> u64 {
+        let (k, last) = self.hist.class(w, b as usize, CLASSES);
+        let st = Self::state(k as u32, t - last as usize);
+        fkey((self.arrivals[st] + 0.5) / (self.exposure[st] + 5000.0))
+    }
+    fn dynamic(&self) -> bool {
+        true
+    }
+}
+
+/// An information ceiling for ranking by count and idle time: the mean
+/// number of family arrivals in the next `horizon` requests for each
+/// (count class, log₂ idle) state, fitted on the whole trace in advance
+/// (hindsight about the population, none about any one family).
+#[derive(Debug)]
+pub struct FittedTable {
+    hist: History,
+    table: Vec<f64>,
+}
+
+impl FittedTable {
+    pub fn new(w: &World, horizon: usize) -> Self {
+        let mut arrivals: Vec<Vec<u32>> = vec![Vec::new(); w.blocks()];
+        for (t, r) in w.reqs.iter().enumerate() {
+            arrivals[w.root[r[0] as usize] as usize].push(t as u32);
+        }
+        let n = (CLASSES as usize + 1) * IDLE_BUCKETS;
+        let (mut sum, mut count) = (vec![0f64; n], vec![0f64; n]);
+        for t in (0..w.reqs.len().saturating_sub(horizon)).step_by(25) {
+            for v in arrivals
+                .iter()
+                .filter(|v| v.first().is_some_and(|&a| a as usize <= t))
+            {
+                let j = v.partition_point(|&x| x as usize <= t);
+                let st = Hazard::state(j as u32, t - v[j - 1] as usize);
+                sum[st] += (v.partition_point(|&x| x as usize <= t + horizon) - j) as f64;
+                count[st] += 1.0;
+            }
+        }
+        let table = sum
+            .iter()
+            .zip(&count)
+            .map(|(s, c)| (s + 0.1) / (c + 1.0))
+            .collect();
+        Self {
+            hist: History::new(w),
+            table,
+        }
+    }
+}
+
+impl LabPolicy for FittedTable {
+    fn on_request(&mut self, w: &World, t: usize, req: &[u32], _: usize) {
+        self.hist.record(w, t, req);
+    }
+    fn key(&self, w: &World, b: u32, t: usize) -> u64 {
+        let (k, last) = self.hist.class(w, b as usize, CLASSES);
+        fkey(self.table[Hazard::state(k as u32, t - last as usize)])
+    }
+    fn dynamic(&self) -> bool {
+        true
+    }
+}
+
+/// LRU by family: a block's recency is its family's last use, except known
+/// tails (own last use, ranked below every other block). Families used
+/// twice or more rank `bonus` × the residence time later, where the
+/// residence time is the moving average age at which once-used blocks are
+/// evicted (`bonus` 0: tails first, otherwise LRU).
+#[derive(Debug)]
+pub struct FamilyLru {
+    hist: History,
+    bonus: f64,
+    residence: f64,
+}
+
+impl FamilyLru {
+    pub fn new(w: &World, bonus: f64) -> Self {
+        Self {
+            hist: History::new(w),
+            bonus,
+            residence: 100.0,
+        }
+    }
+}
+
+impl LabPolicy for FamilyLru {
+    fn on_request(&mut self, w: &World, t: usize, req: &[u32], _: usize) {
+        self.hist.record(w, t, req);
+    }
+    fn key(&self, w: &World, b: u32, _: usize) -> u64 {
+        let b = b as usize;
+        if self.hist.is_tail(w, b) {
+            return u64::from(self.hist.block_last[b]);
+        }
+        let f = w.root[b] as usize;
+        let shift = if self.hist.fam_uses[f] >= 2 {
+            self.bonus * self.residence
+        } else {
+            0.0
+        };
+        (1 << 32) + u64::from(self.hist.fam_last[f]) + shift as u64
+    }
+    fn on_evict(&mut self, w: &World, b: u32, _: u64, t: usize) {
+        let (k, last) = self.hist.class(w, b as usize, CLASSES);
+        if k == 1 {
+            self.residence = 0.99 * self.residence + 0.01 * (t - last as usize) as f64;
+        }
+    }
+}
+
+/// Class-rate LRU: recency by family (tails on their own clock), shifted
+/// by `R × (r_k / r_1 − 1)`: `r_k` is the learned arrival rate of families
+/// used `k` times ([`ClassRates`]), `R` the residence time of once-used
+/// blocks. A class that returns no more often than a first-seen family
+/// gets no shift, so where counts do not predict reuse this is LRU.
+/// `fixed`: the key is computed at the block's last use and kept (as the
+/// index would), instead of recomputed with the current rates when it
+/// reaches the front.
+#[derive(Debug)]
+pub struct ClassRateLru {
+    hist: History,
+    rates: ClassRates,
+    residence: f64,
+    fixed: Option<Vec<u64>>,
+}
+
+impl ClassRateLru {
+    pub fn new(w: &World, fixed: bool) -> Self {
+        Self {
+            hist: History::new(w),
+            rates: ClassRates::new(),
+            residence: 100.0,
+            fixed: fixed.then(|| vec![0; w.blocks()]),
+        }
+    }
+
+    fn current_key(&self, w: &World, b: u32) -> u64 {
+        let (c, last) = self.hist.class(w, b as usize, CLASSES);
+        let shift = if c <= 1 {
+            0.0
+        } else {
+            self.residence * (self.rates.rate(c) / self.rates.rate(1) - 1.0).max(0.0)
+        };
+        fkey(f64::from(last) + shift)
+    }
+}
+
+impl LabPolicy for ClassRateLru {
+    fn on_request(&mut self, w: &World, t: usize, req: &[u32], _: usize) {
+        let f = w.root[req[0] as usize] as usize;
+        self.rates.arrive(t, self.hist.fam_uses[f]);
+        self.hist.record(w, t, req);
+        let keys: Option<Vec<u64>> = self
+            .fixed
+            .as_ref()
+            .map(|_| req.iter().map(|&b| self.current_key(w, b)).collect());
+        if let (Some(fixed), Some(keys)) = (&mut self.fixed, keys) {
+            for (&b, k) in req.iter().zip(keys) {
+                fixed[b as usize] = k;
+            }
+        }
+    }
+    fn key(&self, w: &World, b: u32, _: usize) -> u64 {
+        match &self.fixed {
+            Some(keys) => keys[b as usize],
+            None => self.current_key(w, b),
+        }
+    }
+    fn on_evict(&mut self, w: &World, b: u32, _: u64, t: usize) {
+        let (k, last) = self.hist.class(w, b as usize, CLASSES);
+        if k == 1 {
+            self.residence = 0.99 * self.residence + 0.01 * (t - last as usize) as f64;
+        }
+    }
+}
+
+/// ARC over families: T1 holds blocks of families used once (and tails),
+/// T2 those of families used twice or more; LRU within each. T1's target
+/// size adapts: a family that returns within `ghost` caches' worth of
+/// evictions after leaving T1 grows it by its length, after leaving T2
+/// shrinks it.
+#[derive(Debug)]
+pub struct FamilyArc {
+    hist: History,
+    capacity: f64,
+    ghost: f64,
+    target_t1: f64,
+    t1: f64,
+    in_t1: Vec<bool>,
+    evicted: u64,
+    left: Vec<Option<(u64, bool)>>,
+}
+
+impl FamilyArc {
+    pub fn new(w: &World, capacity: u64, ghost: f64) -> Self {
+        Self {
+            hist: History::new(w),
+            capacity: capacity as f64,
+            ghost,
+            target_t1: capacity as f64 / 2.0,
+            t1: 0.0,
+            in_t1: vec![false; w.blocks()],
+            evicted: 0,
+            left: vec![None; w.blocks()],
+        }
+    }
+}
+
+impl LabPolicy for FamilyArc {
+    fn on_request(&mut self, w: &World, t: usize, req: &[u32], hit: usize) {
+        let f = w.root[req[0] as usize] as usize;
+        if let Some((at, from_t1)) = self.left[f].take() {
+            if hit < req.len() && ((self.evicted - at) as f64) < self.ghost * self.capacity {
+                let d = req.len() as f64;
+                self.target_t1 = if from_t1 {
+                    (self.target_t1 + d).min(self.capacity)
+                } else {
+                    (self.target_t1 - d).max(0.0)
+                };
+            }
+        }
+        self.hist.record(w, t, req);
+        for &b in req {
+            let b = b as usize;
+            let now_t1 = self.hist.class(w, b, CLASSES).0 == 1;
+            if now_t1 != self.in_t1[b] {
+                self.t1 += if now_t1 { 1.0 } else { -1.0 };
+                self.in_t1[b] = now_t1;
+            }
+        }
+    }
+    fn key(&self, w: &World, b: u32, _: usize) -> u64 {
+        let (_, last) = self.hist.class(w, b as usize, CLASSES);
+        let from_t1 = self.t1 > self.target_t1;
+        if self.in_t1[b as usize] == from_t1 {
+            u64::from(last)
+        } else {
+            (1 << 40) + u64::from(last)
+        }
+    }
+    fn on_evict(&mut self, w: &World, b: u32, _: u64, _: usize) {
+        let b = b as usize;
+        let was_t1 = self.in_t1[b];
+        if was_t1 {
+            self.t1 -= 1.0;
+            self.in_t1[b] = false;
+        }
+        self.evicted += 1;
+        self.left[w.root[b] as usize] = Some((self.evicted, was_t1));
+    }
+    fn dynamic(&self) -> bool {
+        true
+    }
+}
+
+// ---- the command ---------------------------------------------------------------
+
+/// Candidates by name, with what each is (for `--help` and reports).
+pub const CANDIDATES: &[(&str, &str)] = &[
+    ("lru", "least recently used (validates the simulator)"),
+    (
+        "lfu-ghost",
+        "once-used first, then uses so far (full history)",
+    ),
+    (
+        "eb-rate",
+        "empirical-Bayes Poisson rate per block, ranked exactly",
+    ),
+    ("hazard", "learned hazard by (family uses, log2 idle), now"),
+    ("family-lru", "LRU by family, known tails first"),
+    (
+        "family-lru-2",
+        "family-lru, reused families 2 residence times later",
+    ),
+    (
+        "class-rate",
+        "family LRU shifted by R x (r_k/r_1 - 1), learned rates",
+    ),
+    (
+        "class-rate-fixed",
+        "class-rate with keys fixed at last use (as the index would)",
+    ),
+    ("family-arc", "ARC over families, ghosts of 2 caches"),
+    (
+        "fitted-table",
+        "hindsight: (uses, idle) table of next-100 arrivals, fitted in advance",
+    ),
+    (
+        "oracle-after-2",
+        "hindsight: total uses, once a block was used twice",
+    ),
+    ("oracle-count", "hindsight: total uses"),
+    ("belady", "offline optimum (next use furthest ahead)"),
+];
+
+/// Builds the candidate `name` for a run at `capacity` blocks.
+pub fn candidate(name: &str, w: &World, capacity: u64) -> Option<Box<dyn LabPolicy>> {
+    let hist = || History::new(w);
+    Some(match name {
+        "lru" => Box::new(Lru::default()),
+        "lfu-ghost" => Box::new(LfuGhost { hist: hist() }),
+        "eb-rate" => Box::new(EbRate {
+            hist: hist(),
+            arrivals: 0.0,
+            exposure: 0.0,
+            seen: 0.0,
+            last_t: 0,
+        }),
+        "hazard" => Box::new(Hazard {
+            hist: hist(),
+            seen: Vec::new(),
+            arrivals: vec![0.0; (CLASSES as usize + 1) * IDLE_BUCKETS],
+            exposure: vec![0.0; (CLASSES as usize + 1) * IDLE_BUCKETS],
+        }),
+        "family-lru" => Box::new(FamilyLru::new(w, 0.0)),
+        "family-lru-2" => Box::new(FamilyLru::new(w, 2.0)),
+        "class-rate" => Box::new(ClassRateLru::new(w, false)),
+        "class-rate-fixed" => Box::new(ClassRateLru::new(w, true)),
+        "family-arc" => Box::new(FamilyArc::new(w, capacity, 2.0)),
+        "fitted-table" => Box::new(FittedTable::new(w, 100)),
+        "oracle-after-2" => Box::new(OracleCount::new(w, true)),
+        "oracle-count" => Box::new(OracleCount::new(w, false)),
+        "belady" => Box::new(Belady),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace::Trace;
+
+    /// The simulator reproduces the index's replay (LRU and the offline
+    /// bound, `replay.rs`'s pinned figures) at 1M / 3M / 10M tokens.
+    #[test]
+    fn reproduces_the_replay_on_the_bundled_trace() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../data/traces/synthetic_trace.jsonl");
+        let w = World::new(&Trace::load(&path).unwrap().as_tokens().unwrap());
+        let rates = |name: &str| -> Vec<String> {
+            [1953, 5859, 19531]
+                .iter()
+                .map(|&c| {
+                    let mut p = candidate(name, &w, c).unwrap();
+                    format!("{:.3}", simulate(&w, p.as_mut(), c).hit_rate())
+                })
+                .collect()
+        };
+        assert_eq!(rates("lru"), ["0.142", "0.309", "0.567"]);
+        assert_eq!(rates("belady"), ["0.370", "0.550", "0.640"]);
+    }
+
+    #[test]
+    fn every_candidate_runs_and_stays_under_the_ceiling() {
+        let reqs: Vec<Vec<u32>> = (0..400u32)
+            .map(|i| {
+                let root = (i * 7919) % 13;
+                (0..(root % 5 + 2))
+                    .map(|d| root * 100 + d)
+                    .chain([10_000 + i])
+                    .collect()
+            })
+            .collect();
+        let w = World::new(&reqs);
+        let bound = simulate(&w, &mut Belady, u64::MAX).hit_blocks;
+        for (name, _) in CANDIDATES {
+            let mut p = candidate(name, &w, 12).unwrap();
+            let r = simulate(&w, p.as_mut(), 12);
+            assert!(r.hit_blocks <= bound, "{name}: {} > {bound}", r.hit_blocks);
+            assert!(r.evicted > 0, "{name}");
+        }
+    }
+}
