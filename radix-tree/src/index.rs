@@ -764,6 +764,23 @@ impl RadixIndex {
         })
     }
 
+    /// Like [`pin_page`](Self::pin_page), but pins the whole node that holds
+    /// the page instead of splitting it there, so some pages after `hash`
+    /// are pinned too (the lease's `pages` says how many in all). Meant for
+    /// short holds, a copy or a read of one block: pinning one page at a
+    /// time with `pin_page` would leave the prefix cut into one-page nodes.
+    pub fn pin_page_node(
+        &self,
+        ns: NamespaceId,
+        hash: PageHash,
+        kind: PinKind,
+        ttl: Duration,
+    ) -> Result<Lease> {
+        self.pin_with(ns, ttl, |tree, expires_ms, policy, admit| {
+            tree.pin_page_node(hash, kind, expires_ms, policy, admit)
+        })
+    }
+
     /// Runs a pin under the tenant's cap.
     fn pin_with(
         &self,

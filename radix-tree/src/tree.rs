@@ -1328,6 +1328,25 @@ impl Tree {
         self.pin_at(n, partial, matched, kind, expires_ms, policy, admit)
     }
 
+    /// Pins the path from the root to the end of the node holding the page
+    /// `hash`, without splitting that node: a few pages past `hash` stay
+    /// pinned too. For short holds (a block being copied or read), where
+    /// splitting per page would cut prefixes into one-page nodes that no
+    /// release joins again.
+    pub(crate) fn pin_page_node(
+        &mut self,
+        hash: PageHash,
+        kind: PinKind,
+        expires_ms: u64,
+        policy: &dyn EvictionPolicy,
+        admit: impl FnOnce(u64) -> Result<()>,
+    ) -> Result<(LeaseId, usize)> {
+        let (n, _) = self.locate(hash).ok_or(IndexError::UnknownPage(hash))?;
+        let node = &self.nodes[n as usize];
+        let matched = node.depth_pages as usize + node.pages();
+        self.pin_at(n, None, matched, kind, expires_ms, policy, admit)
+    }
+
     /// Pins the path to `target`, or to its first `partial` pages.
     #[allow(clippy::too_many_arguments)]
     fn pin_at(

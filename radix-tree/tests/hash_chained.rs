@@ -1,5 +1,6 @@
 //! Calls that name pages by chained hash: `insert_after` (store what a lookup
-//! missed, after the page where the hit ended) and `pin_page`.
+//! missed, after the page where the hit ended), `pin_page` and
+//! `pin_page_node`.
 
 use radix_tree::{BlockId, IndexError, NamespaceConfig, NamespaceKey, PinKind, RadixIndex, Tier};
 use std::time::Duration;
@@ -116,6 +117,42 @@ fn pin_page_holds_exactly_the_path_to_that_page() {
     assert_eq!(idx.evict(Tier::Host, 100).len(), 6);
     assert_eq!(
         idx.pin_page(ns, hashes[0], PinKind::Lease, Duration::from_secs(60)),
+        Err(IndexError::UnknownPage(hashes[0]))
+    );
+    idx.check_invariants();
+}
+
+/// Pinning page by page, as block copies do, pins whole nodes and never
+/// splits them: the tree keeps its shape however many short holds come and
+/// go, and each hold keeps its page (and the rest of its node) in place.
+#[test]
+fn pin_page_node_holds_the_whole_node_and_never_splits_it() {
+    let (idx, ns) = index(1);
+    let prompt: Vec<u32> = (0..10).collect();
+    idx.insert(ns, &prompt, Tier::Host, &blocks(10, 0)).unwrap();
+    let hashes = idx.page_hashes(ns, &prompt).unwrap();
+    let nodes = idx.stats().nodes;
+    let ttl = Duration::from_secs(60);
+    for round in 0..3 {
+        let leases: Vec<_> = hashes
+            .iter()
+            .map(|&h| idx.pin_page_node(ns, h, PinKind::Lease, ttl).unwrap())
+            .collect();
+        assert!(leases.iter().all(|l| l.pages == 10), "round {round}");
+        assert_eq!(idx.stats().nodes, nodes, "no node was split");
+        assert!(idx.evict(Tier::Host, 100).is_empty(), "all pinned");
+        for l in leases {
+            idx.release(l.id).unwrap();
+        }
+        idx.check_invariants();
+    }
+    // Under the per-page pin, the same holds would have cut the prefix.
+    let lease = idx.pin_page(ns, hashes[4], PinKind::Lease, ttl).unwrap();
+    assert_eq!(idx.stats().nodes, nodes + 1);
+    idx.release(lease.id).unwrap();
+    assert_eq!(idx.evict(Tier::Host, 100).len(), 10);
+    assert_eq!(
+        idx.pin_page_node(ns, hashes[0], PinKind::Lease, ttl),
         Err(IndexError::UnknownPage(hashes[0]))
     );
     idx.check_invariants();

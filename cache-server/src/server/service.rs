@@ -384,7 +384,7 @@ impl CacheService {
                 let page = first + i as u32;
                 let pin = cache
                     .index()
-                    .pin_page(ns, hash, PinKind::Lease, READ_LEASE)
+                    .pin_page_node(ns, hash, PinKind::Lease, READ_LEASE)
                     .ok();
                 let mut buf = BytesMut::zeroed(bb);
                 let read = if pin.is_some() {
