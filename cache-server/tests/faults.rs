@@ -834,16 +834,32 @@ fn concurrent_traffic_over_a_failing_disk_never_returns_wrong_bytes() {
 /// brings pages back up to the device, and every read stays exact.
 #[test]
 fn a_device_pool_is_the_top_tier() {
+    let device = Arc::new(SimulatedDevice::new(device_config(8)).unwrap());
+    device_pool_is_the_top_tier(device);
+}
+
+/// The same on a real GPU (cargo feature `cuda`), or skipped, saying so.
+#[cfg(feature = "cuda")]
+#[test]
+fn a_cuda_pool_is_the_top_tier() {
+    match tiers::cuda::CudaPool::new(device_config(8)) {
+        Ok(pool) => {
+            println!("CUDA device: {}", pool.backend().device_name());
+            device_pool_is_the_top_tier(Arc::new(pool));
+        }
+        Err(e) => println!("skipped: no CUDA device ({e})"),
+    }
+}
+
+fn device_config(slots: usize) -> DevicePoolConfig {
     let geometry = BlockGeometry::new(BLOCK, 4096, 0).unwrap();
-    let device = Arc::new(
-        SimulatedDevice::new(
-            DevicePoolConfig::builder(geometry)
-                .capacity_bytes(8 * BLOCK)
-                .build()
-                .unwrap(),
-        )
-        .unwrap(),
-    );
+    DevicePoolConfig::builder(geometry)
+        .capacity_bytes(slots * BLOCK)
+        .build()
+        .unwrap()
+}
+
+fn device_pool_is_the_top_tier(device: Arc<dyn BlockPool>) {
     let dir = tempfile::tempdir().unwrap();
     let cache = Cache::open(
         CacheConfig::builder(PAGE, BLOCK, "faults-layout")
@@ -951,4 +967,54 @@ fn a_disk_that_cannot_be_opened_is_an_error() {
         WriteMode::WriteBack
     ))
     .is_ok());
+}
+
+/// Making room on a tier frees as many slots as asked even when the
+/// victims sit in many short nodes (leases on prefixes split nodes, and
+/// only a leaf's pages are candidates until the leaf is gone).
+#[test]
+fn making_room_reaches_past_short_nodes() {
+    let device = Arc::new(SimulatedDevice::new(device_config(8)).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(
+        CacheConfig::builder(PAGE, BLOCK, "faults-layout")
+            .host_bytes(32 * BLOCK)
+            .disk(dir.path(), (64 * 2 * BLOCK) as u64)
+            .device(device.clone())
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let ns = cache.namespace("t", "m", "").unwrap();
+    let (a, b) = (prompt(1, 8), prompt(2, 8));
+    cache.store(ns, &b, 0, &data(2, 0..8)).unwrap();
+    cache.store(ns, &a, 0, &data(1, 0..8)).unwrap();
+    let nodes = cache.index().stats().nodes;
+    // Leases on each prefix of `a` cut it into one-page nodes.
+    for pages in 1..8 {
+        let options = LookupOptions {
+            lease: Some(LONG),
+            promote: false,
+        };
+        let l = cache.lookup(ns, &a[..pages * PAGE], options).unwrap();
+        cache.release(l.lease.as_ref().unwrap()).unwrap();
+    }
+    assert_eq!(cache.index().stats().nodes, nodes + 7);
+    let on = |tokens: &[u32]| cache.lookup(ns, tokens, LookupOptions::default()).unwrap();
+    assert_eq!(on(&a).fastest_pages()[Tier::Device.index()], 8);
+    assert_eq!(on(&b).fastest_pages()[Tier::Host.index()], 8);
+    let promote = LookupOptions {
+        lease: None,
+        promote: true,
+    };
+    let l = cache.lookup(ns, &b, promote).unwrap();
+    cache.wait(l.prefetch.expect("b is below the device"));
+    assert_eq!(
+        on(&b).fastest_pages()[Tier::Device.index()],
+        8,
+        "all of b promoted: room was made past a's one-page nodes"
+    );
+    assert_eq!(on(&a).fastest_pages()[Tier::Host.index()], 8);
+    assert_eq!(read_prompt(&cache, ns, 1, 8).matched, 8);
+    cache.index().check_invariants();
 }

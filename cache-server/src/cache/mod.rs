@@ -254,6 +254,11 @@ impl Cache {
         &self.host
     }
 
+    /// The GPU-memory tier, when one is configured.
+    pub fn device_pool(&self) -> Option<&dyn BlockPool> {
+        self.pool(Tier::Device).map(|p| &**p)
+    }
+
     pub fn disk_pool(&self) -> Option<&DiskPool> {
         self.disk.as_deref()
     }
@@ -652,6 +657,25 @@ impl Cache {
             }
             return Ok(freed);
         };
+        // Candidates are the tails of the lowest-ranked leaves; a page
+        // above them becomes one only once they are gone, so a prefix cut
+        // into short nodes (leases end nodes) takes several rounds.
+        let mut freed = 0;
+        while freed < pages {
+            let round = self.demote_round(tier, lower, pages - freed)?;
+            if round == 0 {
+                break;
+            }
+            freed += round;
+        }
+        Ok(freed)
+    }
+
+    /// One round of [`make_room`](Self::make_room) on a tier with a tier
+    /// below: copies up to `pages` candidates down (those without a copy
+    /// there yet), then drops their copies on `tier`. Returns how many
+    /// slots of `tier` it freed.
+    fn demote_round(&self, tier: Tier, lower: Tier, pages: usize) -> Result<usize> {
         let mut candidates = self.index.eviction_candidates(tier, pages);
         // Expired leases are reclaimed by writes to their namespace, and
         // candidates are read under a shared lock: a lease that was never
@@ -786,7 +810,10 @@ impl Cache {
             let Some(source) = self.pool(from).cloned() else {
                 continue;
             };
-            let Ok(lease) = self.index.pin_page(ns, hash, PinKind::Lease, MOVE_LEASE) else {
+            let Ok(lease) = self
+                .index
+                .pin_page_node(ns, hash, PinKind::Lease, MOVE_LEASE)
+            else {
                 continue;
             };
             let Some(meta) = self.page_meta(ns, hash) else {
@@ -987,7 +1014,10 @@ impl Cache {
         let mut leases = Vec::new();
         for i in wanted {
             let hash = hashes[i];
-            let Ok(lease) = self.index.pin_page(ns, hash, PinKind::Lease, MOVE_LEASE) else {
+            let Ok(lease) = self
+                .index
+                .pin_page_node(ns, hash, PinKind::Lease, MOVE_LEASE)
+            else {
                 continue;
             };
             let Ok(Some(loc)) = self.index.location(ns, hash) else {
