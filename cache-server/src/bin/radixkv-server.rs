@@ -51,6 +51,12 @@ struct Flags {
     /// Disk tier capacity in bytes (0: none).
     #[arg(long)]
     disk_bytes: Option<u64>,
+    /// GPU memory for blocks, in bytes (0: no GPU tier; needs the `cuda` build).
+    #[arg(long)]
+    device_bytes: Option<usize>,
+    /// Which GPU (CUDA device ordinal).
+    #[arg(long)]
+    device_ordinal: Option<usize>,
     /// Keep the host tier in this shared-memory file (e.g. /dev/shm/radixkv).
     #[arg(long)]
     shm_path: Option<PathBuf>,
@@ -110,6 +116,12 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(v) = flags.disk_bytes {
         config.disk_bytes = v;
+    }
+    if let Some(v) = flags.device_bytes {
+        config.device_bytes = v;
+    }
+    if let Some(v) = flags.device_ordinal {
+        config.device_ordinal = v;
     }
     if let Some(v) = flags.policy.clone() {
         config.policy = v;

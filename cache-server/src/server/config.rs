@@ -35,6 +35,12 @@ pub struct ServerConfig {
     pub host_bytes: usize,
     /// Disk tier capacity; 0 for no disk tier.
     pub disk_bytes: u64,
+    /// GPU-memory tier capacity above host; 0 for none. Needs a build with
+    /// the cargo feature `cuda` and a CUDA GPU; the server refuses to start
+    /// otherwise rather than silently run without it.
+    pub device_bytes: usize,
+    /// Which GPU holds the device tier (CUDA device ordinal).
+    pub device_ordinal: usize,
     /// Put the host tier in this shared-memory file, so local clients can
     /// map it (tenants with `shm = true` are told where it is).
     pub shm_path: Option<PathBuf>,
@@ -121,6 +127,8 @@ impl Default for ServerConfig {
             layout: "default".into(),
             host_bytes: 1 << 30,
             disk_bytes: 4 << 30,
+            device_bytes: 0,
+            device_ordinal: 0,
             shm_path: None,
             policy: "lru".into(),
             write_mode: "write-back".into(),
@@ -222,7 +230,30 @@ impl ServerConfig {
         if let Some(p) = &self.shm_path {
             b = b.host_shm(p);
         }
+        if self.device_bytes > 0 {
+            b = b.device(self.device_pool()?);
+        }
         Ok(b)
+    }
+
+    /// The GPU tier `device_bytes` asks for.
+    #[cfg(feature = "cuda")]
+    fn device_pool(&self) -> Result<std::sync::Arc<dyn tiers::BlockPool>> {
+        let geometry = crate::block_geometry(self.page_size, self.block_bytes, &self.layout)?;
+        let config = tiers::device::DevicePoolConfig::builder(geometry)
+            .capacity_bytes(self.device_bytes)
+            .ordinal(self.device_ordinal)
+            .build()?;
+        Ok(std::sync::Arc::new(tiers::cuda::CudaPool::new(config)?))
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn device_pool(&self) -> Result<std::sync::Arc<dyn tiers::BlockPool>> {
+        Err(CacheError::InvalidConfig(format!(
+            "device_bytes = {} asks for a GPU tier, but this build has no CUDA support \
+             (build with --features cuda)",
+            self.device_bytes
+        )))
     }
 }
 
@@ -253,6 +284,33 @@ mod tests {
         c.validate().unwrap();
         assert!(c.listen.unwrap().ip().is_loopback());
         assert!(c.cache_config().unwrap().build().is_ok());
+    }
+
+    #[test]
+    #[cfg(not(feature = "cuda"))]
+    fn a_device_tier_needs_the_cuda_build() {
+        let c = ServerConfig::from_toml("device_bytes = 1048576").unwrap();
+        let err = c.cache_config().unwrap_err();
+        assert!(
+            matches!(&err, CacheError::InvalidConfig(m) if m.contains("--features cuda")),
+            "{err}"
+        );
+    }
+
+    /// With the feature, the tier opens on a GPU, and where there is none
+    /// the server gets a device error, not a panic and not a silent
+    /// cache without the tier it was asked for.
+    #[test]
+    #[cfg(feature = "cuda")]
+    fn a_device_tier_opens_a_gpu_or_says_why_not() {
+        let c = ServerConfig::from_toml("device_bytes = 7372800").unwrap();
+        match c.cache_config() {
+            Ok(b) => assert!(b.build().unwrap().device.is_some()),
+            Err(CacheError::Tier(tiers::TierError::Device(why))) => {
+                println!("skipped: no CUDA device ({why})");
+            }
+            Err(e) => panic!("{e}"),
+        }
     }
 
     #[test]

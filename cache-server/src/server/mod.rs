@@ -58,7 +58,7 @@ impl Server {
     /// Opens the cache (recovering the disk tier) and starts every
     /// listener. Call from within a tokio runtime.
     pub async fn start(config: ServerConfig) -> anyhow::Result<Server> {
-        Self::start_inner(config, None).await
+        Self::start_inner(config, TestHooks::default()).await
     }
 
     /// [`Server::start`] with the disk tier's file I/O going through `io`
@@ -69,13 +69,29 @@ impl Server {
         config: ServerConfig,
         io: Arc<dyn tiers::io::FileIo>,
     ) -> anyhow::Result<Server> {
-        Self::start_inner(config, Some(io)).await
+        let hooks = TestHooks {
+            disk_io: Some(io),
+            ..TestHooks::default()
+        };
+        Self::start_inner(config, hooks).await
     }
 
-    async fn start_inner(
+    /// [`Server::start`] with `device` as its device tier (a host-memory
+    /// stand-in in tests), so the GPU tier's paths through the server run
+    /// on machines without a GPU.
+    #[cfg(feature = "test-utils")]
+    pub async fn start_with_device(
         config: ServerConfig,
-        disk_io: Option<Arc<dyn tiers::io::FileIo>>,
+        device: Arc<dyn tiers::BlockPool>,
     ) -> anyhow::Result<Server> {
+        let hooks = TestHooks {
+            device: Some(device),
+            ..TestHooks::default()
+        };
+        Self::start_inner(config, hooks).await
+    }
+
+    async fn start_inner(config: ServerConfig, hooks: TestHooks) -> anyhow::Result<Server> {
         config.validate()?;
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating {}", config.data_dir.display()))?;
@@ -84,8 +100,11 @@ impl Server {
             config.limits.max_subscribers,
         ));
         let mut cache_config = config.cache_config()?.events(bus.clone());
-        if let Some(io) = disk_io {
+        if let Some(io) = hooks.disk_io {
             cache_config = cache_config.disk_io(io);
+        }
+        if let Some(device) = hooks.device {
+            cache_config = cache_config.device(device);
         }
         let cache_config = cache_config.build()?;
         let cache = tokio::task::spawn_blocking(move || Cache::open(cache_config))
@@ -255,6 +274,13 @@ async fn wait_for(mut stopped: watch::Receiver<bool>) {
     let _ = stopped.wait_for(|s| *s).await;
 }
 
+/// What tests put in place of the real disk I/O or GPU.
+#[derive(Default)]
+struct TestHooks {
+    disk_io: Option<Arc<dyn tiers::io::FileIo>>,
+    device: Option<Arc<dyn tiers::BlockPool>>,
+}
+
 fn render_metrics(state: &State) -> String {
     let mut out = String::new();
     state.metrics.render(&mut out);
@@ -278,6 +304,13 @@ fn render_metrics(state: &State) -> String {
         "Block slots in use in each tier's pool.",
     );
     let cache = &state.cache;
+    if let Some(device) = cache.device_pool() {
+        let _ = writeln!(
+            out,
+            "radixkv_blocks_used{{tier=\"device\"}} {}",
+            device.used()
+        );
+    }
     let _ = writeln!(
         out,
         "radixkv_blocks_used{{tier=\"host\"}} {}",
