@@ -51,10 +51,10 @@ impl ModelConfig {
         {
             return bad("a zero dimension");
         }
-        if self.hidden % self.heads != 0 || self.heads % self.kv_heads != 0 {
+        if !self.hidden.is_multiple_of(self.heads) || !self.heads.is_multiple_of(self.kv_heads) {
             return bad("heads do not divide the hidden size or each other");
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad("odd head dimension");
         }
         Ok(())

@@ -28,11 +28,17 @@
 //!
 //! A quantized panel (see `quant`) is dequantized on the fly to exactly the
 //! `f32` values of the F32 path, so the chains and their results are the
-//! same bit for bit while a decode step streams a sixth of the bytes. Up
-//! to [`DIRECT_ROWS`] rows (decode), each `k` step's 16 weights are
-//! dequantized in registers and go straight into the FMAs; with more rows
-//! (prefill), each `k` block of a panel is dequantized once into an L1
-//! scratch and every tile of rows runs the F32 kernel over it.
+//! same bit for bit while a decode step streams a sixth of the bytes. For
+//! a decode step's few rows (up to [`DIRECT_ROWS_512`] with AVX-512, up to
+//! [`DIRECT_ROWS`] with AVX2 alone), each `k` step's 16 weights are
+//! dequantized in registers and go straight into the FMAs of every row,
+//! all rows in one pass over the panel (`X` then is one tile of all `m`
+//! rows): the dequantization is paid once per step of a batch, not once
+//! per row. With AVX-512 a step's 16 weights are one register and each row
+//! one accumulator; AVX2 takes up to 4 rows on the whole panel, and 5 to 8
+//! rows on one half of it, then the other (16 registers hold no more). With
+//! more rows (prefill), each `k` block of a panel is dequantized once into
+//! an L1 scratch and every tile of rows runs the F32 kernel over it.
 
 use crate::quant::{self, QBlock, Q41, Q80, QK};
 use rayon::prelude::*;
@@ -233,21 +239,49 @@ fn quant_row<B: QBlock>(panel: &[B], j: usize, out: &mut [f32]) {
     }
 }
 
-/// Which kernels run: the scalar ones, or AVX2 + FMA (+ F16C for the
-/// quantized ones). Both give the same bits.
+/// Which kernels run: the scalar ones, AVX2 + FMA (+ F16C for the
+/// quantized ones), or those and AVX-512F for the quantized direct kernel.
+/// All give the same bits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Isa {
     Scalar,
     Avx2,
+    Avx512,
 }
 
 impl Isa {
     /// The fastest this CPU runs.
     pub fn best() -> Isa {
-        if crate::simd::avx2_fma_f16c() {
+        if crate::simd::avx512() {
+            Isa::Avx512
+        } else if crate::simd::avx2_fma_f16c() {
             Isa::Avx2
         } else {
             Isa::Scalar
+        }
+    }
+
+    /// Every one this CPU runs, fastest first (for tests that hold them
+    /// to the same bits).
+    #[cfg(test)]
+    pub fn all() -> Vec<Isa> {
+        [Isa::Avx512, Isa::Avx2, Isa::Scalar]
+            .into_iter()
+            .filter(|&isa| match isa {
+                Isa::Avx512 => crate::simd::avx512(),
+                Isa::Avx2 => crate::simd::avx2_fma_f16c(),
+                Isa::Scalar => true,
+            })
+            .collect()
+    }
+
+    /// Rows up to which a quantized matmul runs the direct kernels (see
+    /// [`DIRECT_ROWS`]).
+    fn direct_rows(self) -> usize {
+        match self {
+            Isa::Scalar => 0,
+            Isa::Avx2 => DIRECT_ROWS,
+            Isa::Avx512 => DIRECT_ROWS_512,
         }
     }
 }
@@ -267,13 +301,15 @@ pub(crate) fn matmul_with(x: &[f32], m: usize, w: &Packed, y: &mut [f32], isa: I
         return;
     }
     // X in tiles of ROWS rows, each transposed to k × ROWS (rows past m are
-    // zero and never read back).
-    let tiles = m.div_ceil(ROWS);
-    let mut xt = vec![0.0f32; tiles * k * ROWS];
+    // zero and never read back); for the direct quantized kernels, one tile
+    // of all m rows.
+    let width = if is_direct(m, w, isa) { m } else { ROWS };
+    let tiles = m.div_ceil(width);
+    let mut xt = vec![0.0f32; tiles * k * width];
     for (i, row) in x.chunks_exact(k).enumerate() {
-        let tile = &mut xt[(i / ROWS) * k * ROWS..][..k * ROWS];
+        let tile = &mut xt[(i / width) * k * width..][..k * width];
         for (kk, &v) in row.iter().enumerate() {
-            tile[kk * ROWS + i % ROWS] = v;
+            tile[kk * width + i % width] = v;
         }
     }
     // Panel-major output: panel p's m × PANEL block at p*m*PANEL (for one
@@ -313,12 +349,13 @@ pub(crate) fn matmul_with(x: &[f32], m: usize, w: &Packed, y: &mut [f32], isa: I
 /// [`panels`], with AVX2 and FMA where asked (same results; see `simd`).
 fn panels_entry(xt: &[f32], m: usize, k: usize, wp: &[f32], out: &mut [f32], isa: Isa) {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 {
+    if isa != Isa::Scalar {
         #[target_feature(enable = "avx2,fma")]
         fn fast(xt: &[f32], m: usize, k: usize, wp: &[f32], out: &mut [f32]) {
             panels(xt, m, k, wp, out)
         }
-        // SAFETY: `fast` needs AVX2 and FMA, which `Isa::best` confirmed.
+        // SAFETY: `fast` needs AVX2 and FMA, which `Isa::best` confirmed
+        // for every ISA but the scalar one.
         unsafe { fast(xt, m, k, wp, out) };
         return;
     }
@@ -329,9 +366,23 @@ fn panels_entry(xt: &[f32], m: usize, k: usize, wp: &[f32], out: &mut [f32], isa
 /// Rows up to which the quantized kernel dequantizes each `k` step in
 /// registers, straight into the FMAs; past it, it dequantizes a panel's
 /// `k` block once into L1 and runs the F32 tiles over it.
-/// (Measured here: direct is faster up to 4 rows; at 5 and more the
-/// accumulators crowd out the dequantizing registers.)
-const DIRECT_ROWS: usize = 4;
+const DIRECT_ROWS: usize = 8;
+/// [`DIRECT_ROWS`] with AVX-512: its 32 registers hold an accumulator for
+/// each of 12 rows beside the dequantizing ones (measured here: from 14
+/// rows on, LLVM spills and the kernel runs at half speed).
+const DIRECT_ROWS_512: usize = 12;
+/// Rows up to which the AVX2 direct kernel takes the whole panel (16
+/// columns, `2R` accumulators) at once; past it, one half at a time (`R`
+/// accumulators), which leaves room for the dequantizing registers.
+/// (Measured here, one core: at 4 rows whole 61 GFLOP/s, halves 55; at 8
+/// rows halves 72, against 57 through the L1 scratch.)
+const WHOLE_PANEL_ROWS: usize = 4;
+
+/// Whether [`quant_entry`] runs the direct kernels (which read `X` as one
+/// tile of all `m` rows).
+fn is_direct(m: usize, w: &Packed, isa: Isa) -> bool {
+    !matches!(w.data, Data::F32(_)) && m <= isa.direct_rows()
+}
 
 /// The quantized panels in `wp` against all rows, into the panel-major
 /// `out`.
@@ -344,11 +395,26 @@ fn quant_entry<B: quant::Kernel>(
     isa: Isa,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 {
-        // SAFETY: `quant_fast` needs AVX2, FMA and F16C, which `Isa::best`
-        // confirmed.
-        unsafe { quant_fast(xt, m, k, wp, out) };
-        return;
+    match isa {
+        // `xt` is one tile of all m rows (see `is_direct`).
+        Isa::Avx512 if m <= DIRECT_ROWS_512 => {
+            // SAFETY: `direct_512` needs AVX-512F, AVX2, FMA and F16C,
+            // which `Isa::best` confirmed.
+            unsafe { direct_512(xt, m, k, wp, out) };
+            return;
+        }
+        Isa::Avx2 if m <= DIRECT_ROWS => {
+            // SAFETY: `direct_avx2` needs AVX2, FMA and F16C, which
+            // `Isa::best` confirmed.
+            unsafe { direct_avx2(xt, m, k, wp, out) };
+            return;
+        }
+        Isa::Avx2 | Isa::Avx512 => {
+            // SAFETY: as above (AVX-512 comes with them).
+            unsafe { quant_fast(xt, m, k, wp, out) };
+            return;
+        }
+        Isa::Scalar => {}
     }
     let _ = isa;
     quant_panels(xt, m, k, wp, out, |blocks, scratch| {
@@ -358,25 +424,74 @@ fn quant_entry<B: quant::Kernel>(
     })
 }
 
+/// The panels through the L1 scratch, dequantized with AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn quant_fast<B: quant::Kernel>(xt: &[f32], m: usize, k: usize, wp: &[B], out: &mut [f32]) {
-    use quant::avx2;
-    if m <= DIRECT_ROWS {
-        let nb = k / QK;
-        for (panel, o) in wp.chunks_exact(nb).zip(out.chunks_exact_mut(m * PANEL)) {
-            match m {
-                4 => avx2::direct::<B, 4>(xt, ROWS, panel, o),
-                3 => avx2::direct::<B, 3>(xt, ROWS, panel, o),
-                2 => avx2::direct::<B, 2>(xt, ROWS, panel, o),
-                _ => avx2::direct::<B, 1>(xt, ROWS, panel, o),
-            }
+    quant_panels(xt, m, k, wp, out, |blocks, scratch| {
+        quant::avx2::dequant(blocks, scratch)
+    })
+}
+
+/// The panels against all `m` rows (at most [`DIRECT_ROWS`]) with the
+/// AVX2 direct kernels.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn direct_avx2<B: quant::Kernel>(xt: &[f32], m: usize, k: usize, wp: &[B], out: &mut [f32]) {
+    for (panel, o) in wp.chunks_exact(k / QK).zip(out.chunks_exact_mut(m * PANEL)) {
+        direct_rows(xt, m, panel, o);
+    }
+}
+
+/// The panels against all `m` rows (at most [`DIRECT_ROWS_512`]) with the
+/// AVX-512 direct kernel.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+fn direct_512<B: quant::Kernel>(xt: &[f32], m: usize, k: usize, wp: &[B], out: &mut [f32]) {
+    use quant::avx512::direct;
+    for (panel, o) in wp.chunks_exact(k / QK).zip(out.chunks_exact_mut(m * PANEL)) {
+        match m {
+            12 => direct::<B, 12>(xt, panel, o),
+            11 => direct::<B, 11>(xt, panel, o),
+            10 => direct::<B, 10>(xt, panel, o),
+            9 => direct::<B, 9>(xt, panel, o),
+            8 => direct::<B, 8>(xt, panel, o),
+            7 => direct::<B, 7>(xt, panel, o),
+            6 => direct::<B, 6>(xt, panel, o),
+            5 => direct::<B, 5>(xt, panel, o),
+            4 => direct::<B, 4>(xt, panel, o),
+            3 => direct::<B, 3>(xt, panel, o),
+            2 => direct::<B, 2>(xt, panel, o),
+            _ => direct::<B, 1>(xt, panel, o),
+        }
+    }
+}
+
+/// One panel against `m` (at most [`DIRECT_ROWS`]) rows, dequantized in
+/// registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn direct_rows<B: quant::Kernel>(xt: &[f32], m: usize, panel: &[B], o: &mut [f32]) {
+    use quant::avx2::{direct, direct_halves};
+    if m <= WHOLE_PANEL_ROWS {
+        match m {
+            4 => direct::<B, 4>(xt, panel, o),
+            3 => direct::<B, 3>(xt, panel, o),
+            2 => direct::<B, 2>(xt, panel, o),
+            _ => direct::<B, 1>(xt, panel, o),
         }
         return;
     }
-    quant_panels(xt, m, k, wp, out, |blocks, scratch| {
-        avx2::dequant(blocks, scratch)
-    })
+    match m {
+        8 => direct_halves::<B, 8>(xt, panel, o),
+        7 => direct_halves::<B, 7>(xt, panel, o),
+        6 => direct_halves::<B, 6>(xt, panel, o),
+        5 => direct_halves::<B, 5>(xt, panel, o),
+        4 => direct_halves::<B, 4>(xt, panel, o),
+        3 => direct_halves::<B, 3>(xt, panel, o),
+        2 => direct_halves::<B, 2>(xt, panel, o),
+        _ => direct_halves::<B, 1>(xt, panel, o),
+    }
 }
 
 /// Each panel of `wp`, a `k` block at a time: `dequant` writes the block's
@@ -506,7 +621,7 @@ mod tests {
         let x = values(13 * k, 3);
         let full = naive(&x, 13, &w, n, k);
         for m in 1..=13 {
-            for isa in [Isa::best(), Isa::Scalar] {
+            for isa in Isa::all() {
                 let mut y = vec![f32::NAN; m * n];
                 matmul_with(&x[..m * k], m, &packed, &mut y, isa);
                 // Bit-identical to the reference, so identical across batch
@@ -592,11 +707,11 @@ mod tests {
                 .all(|(a, b)| a.to_bits() == b.to_bits()));
             // Every path (direct, through the scratch; SIMD and scalar) at
             // every m against the F32 kernel.
-            for m in (1..=14).chain([31, 70]) {
+            for m in (1..=17).chain([31, 70]) {
                 let x = &x[..m * k];
                 let mut want = vec![0.0; m * n];
                 matmul_with(x, m, &reference, &mut want, Isa::Scalar);
-                for isa in [Isa::best(), Isa::Scalar] {
+                for isa in Isa::all() {
                     // NaN: every output is written, whatever was there.
                     let mut got = vec![f32::NAN; m * n];
                     matmul_with(x, m, &q, &mut got, isa);
@@ -622,6 +737,69 @@ mod tests {
         assert_eq!(row, a[3 * k..4 * k]);
         fused.row(n1 + 20, &mut row);
         assert_eq!(row, b[20 * k..21 * k]);
+    }
+
+    /// CPU time of this process so far (all threads), in seconds.
+    fn cpu_seconds() -> f64 {
+        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+            return f64::NAN;
+        };
+        let nanos: u64 = tasks
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+            .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .sum();
+        nanos as f64 * 1e-9
+    }
+
+    /// GFLOP per CPU-second of the quantized kernels by rows, on every ISA
+    /// this CPU has, and of the F32 kernel on the same values (robust to a
+    /// busy machine; with RAYON_NUM_THREADS=1, one core's figures):
+    /// `cargo test --release -p engine --lib bench_quant_rows -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a benchmark"]
+    fn bench_quant_rows() {
+        let mut rng = Rng(7);
+        let shapes = [
+            ("down", GgmlDType::Q4_1, 576, 1536),
+            ("gate_up/4", GgmlDType::Q4_1, 768, 576),
+            ("lm_head/8", GgmlDType::Q8_0, 6144, 576),
+        ];
+        println!("threads: {}", rayon::current_num_threads());
+        for (name, dtype, n, k) in shapes {
+            let raw = random_blocks(dtype, n, k, &mut rng);
+            let q = match dtype {
+                GgmlDType::Q4_1 => Packed::pack_q4_1(&raw, n, k),
+                _ => Packed::pack_q8_0(&raw, n, k),
+            };
+            let f = q.to_f32();
+            let runs = Isa::all()
+                .into_iter()
+                .filter(|&isa| isa != Isa::Scalar)
+                .map(|isa| (format!("{name} {isa:?}"), &q, isa))
+                .chain([("  as F32".to_string(), &f, Isa::best())]);
+            for (label, w, isa) in runs {
+                let mut line = format!("{label:18}");
+                for m in [1, 2, 4, 6, 8, 10, 12, 14, 16, 32] {
+                    let x = values(m * k, 1);
+                    let mut y = vec![0.0; m * n];
+                    let reps = (3e8 / (m * n * k) as f64).ceil() as usize;
+                    let mut best = 0.0f64;
+                    for _ in 0..5 {
+                        let c = cpu_seconds();
+                        // On a worker of the pool, as the forward pass runs.
+                        rayon::scope(|_| {
+                            for _ in 0..reps {
+                                matmul_with(&x, m, w, &mut y, isa);
+                            }
+                        });
+                        let g = 2.0 * (reps * m * n * k) as f64 / (cpu_seconds() - c) / 1e9;
+                        best = best.max(g);
+                    }
+                    line += &format!(" {m}:{best:5.1}");
+                }
+                println!("{line}");
+            }
+        }
     }
 
     /// Times the quantized kernels against the F32 kernel on the model's
@@ -650,7 +828,7 @@ mod tests {
                 })
                 .collect();
             let f: Vec<Packed> = q.iter().map(Packed::to_f32).collect();
-            for m in [1, 8, 64, 256] {
+            for m in [1, 2, 4, 6, 8, 12, 64] {
                 if name == "lm_head" && m > 8 {
                     continue;
                 }

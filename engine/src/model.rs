@@ -79,8 +79,8 @@ impl Rope {
 fn weight(file: &mut GgufFile, name: &str, rows: usize, cols: usize) -> Result<Packed> {
     let (dtype, raw) = file.raw_tensor(name, &[rows, cols])?;
     Ok(match dtype {
-        GgmlDType::Q4_1 if cols % QK == 0 => Packed::pack_q4_1(&raw, rows, cols),
-        GgmlDType::Q8_0 if cols % QK == 0 => Packed::pack_q8_0(&raw, rows, cols),
+        GgmlDType::Q4_1 if cols.is_multiple_of(QK) => Packed::pack_q4_1(&raw, rows, cols),
+        GgmlDType::Q8_0 if cols.is_multiple_of(QK) => Packed::pack_q8_0(&raw, rows, cols),
         _ => Packed::pack(&file.tensor(name, &[rows, cols])?, rows, cols),
     })
 }
@@ -280,17 +280,14 @@ mod tests {
             assert!(packed.is_quantized(), "{name} is not kept quantized");
             assert!(packed.same_bits(&reference), "{name}: values differ");
             let (n, k) = (reference.n(), reference.k());
-            let x: Vec<f32> = (0..9 * k)
+            let x: Vec<f32> = (0..13 * k)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0)
                 .collect();
-            let runs = [
-                (1, Isa::Scalar),
-                (1, Isa::best()),
-                (3, Isa::best()),
-                (4, Isa::best()),
-                (9, Isa::best()),
-            ];
-            for (m, isa) in runs {
+            // Each SIMD ISA's direct kernels (AVX2's whole and half panels)
+            // and its scratch path (past 12 rows for either).
+            let simd = Isa::all().into_iter().filter(|&isa| isa != Isa::Scalar);
+            let runs = simd.flat_map(|isa| [1, 3, 8, 13].map(|m| (m, isa)));
+            for (m, isa) in std::iter::once((1, Isa::Scalar)).chain(runs) {
                 let (mut want, mut got) = (vec![0.0; m * n], vec![0.0; m * n]);
                 matmul_with(&x[..m * k], m, &reference, &mut want, Isa::best());
                 matmul_with(&x[..m * k], m, packed, &mut got, isa);

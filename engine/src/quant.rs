@@ -171,10 +171,12 @@ pub(crate) fn f16_to_f32(h: u16) -> f32 {
     f32::from_bits(bits)
 }
 
-/// What the matmul needs of a block format: on x86-64, its AVX2 kernels
-/// too.
+/// What the matmul needs of a block format: on x86-64, its AVX2 and
+/// AVX-512 kernels too.
 #[cfg(target_arch = "x86_64")]
-pub(crate) use avx2::Steps as Kernel;
+pub(crate) trait Kernel: avx2::Steps + avx512::Steps {}
+#[cfg(target_arch = "x86_64")]
+impl<T: avx2::Steps + avx512::Steps> Kernel for T {}
 #[cfg(not(target_arch = "x86_64"))]
 pub(crate) trait Kernel: QBlock {}
 #[cfg(not(target_arch = "x86_64"))]
@@ -234,12 +236,14 @@ pub(crate) mod avx2 {
     }
 
     /// A block's 32 `k` steps: `GROUPS` groups of `STEPS` steps, each
-    /// step's 16 column values in two registers.
+    /// step's 16 column values in two registers, one per half of the panel
+    /// (columns `8h .. 8h + 8`), which the kernels may take together or one
+    /// at a time.
     pub(crate) trait Steps: super::QBlock {
         /// The block's scales (and minimums) as `f32`, kept in L1 rather
         /// than in registers: the FMAs read them as memory operands.
         type Scales: Copy;
-        /// One group's quantized values, in registers.
+        /// One group's quantized values for one half, in a register.
         type Group: Copy;
         const GROUPS: usize;
         const STEPS: usize;
@@ -248,9 +252,9 @@ pub(crate) mod avx2 {
         unsafe fn scales(&self) -> Self::Scales;
         /// # Safety
         /// As for [`Steps::scales`].
-        unsafe fn group(&self, g: usize) -> Self::Group;
-        /// The values at `k = g × STEPS + s` of the block; called for `s`
-        /// in order (it may consume `grp` as it goes).
+        unsafe fn group(&self, g: usize, h: usize) -> Self::Group;
+        /// Half `h`'s values at `k = g × STEPS + s` of the block; called for
+        /// `s` in order (it may consume `grp`, half `h`'s group, as it goes).
         ///
         /// # Safety
         /// As for [`Steps::scales`].
@@ -260,14 +264,15 @@ pub(crate) mod avx2 {
             grp: &mut Self::Group,
             g: usize,
             s: usize,
-        ) -> [__m256; 2];
+            h: usize,
+        ) -> __m256;
     }
 
     impl Steps for Q41 {
         /// `[d, m]`.
         type Scales = [[f32; PANEL]; 2];
-        /// `q[g]` as two halves of 8 columns.
-        type Group = [__m256i; 2];
+        /// `q[g]`'s 8 columns of the half.
+        type Group = __m256i;
         const GROUPS: usize = 4;
         const STEPS: usize = 8;
 
@@ -284,8 +289,8 @@ pub(crate) mod avx2 {
 
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn group(&self, g: usize) -> Self::Group {
-            [load_u32(&self.q[g], 0), load_u32(&self.q[g], 1)]
+        unsafe fn group(&self, g: usize, h: usize) -> Self::Group {
+            load_u32(&self.q[g], h)
         }
 
         #[inline]
@@ -296,15 +301,13 @@ pub(crate) mod avx2 {
             grp: &mut Self::Group,
             _: usize,
             _: usize,
-        ) -> [__m256; 2] {
+            h: usize,
+        ) -> __m256 {
             // The low nibble is this step's; shift the next one down.
-            let mask = _mm256_set1_epi32(0x0F);
-            [0, 1].map(|h| {
-                let q = _mm256_and_si256(grp[h], mask);
-                grp[h] = _mm256_srli_epi32::<4>(grp[h]);
-                // q × d is exact, so this is candle's q × d + m.
-                _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), load(&d[8 * h..]), load(&m[8 * h..]))
-            })
+            let q = _mm256_and_si256(*grp, _mm256_set1_epi32(0x0F));
+            *grp = _mm256_srli_epi32::<4>(*grp);
+            // q × d is exact, so this is candle's q × d + m.
+            _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), load(&d[8 * h..]), load(&m[8 * h..]))
         }
     }
 
@@ -325,14 +328,21 @@ pub(crate) mod avx2 {
 
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn group(&self, _: usize) -> Self::Group {}
+        unsafe fn group(&self, _: usize, _: usize) -> Self::Group {}
 
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn step(&self, d: &Self::Scales, _: &mut (), g: usize, s: usize) -> [__m256; 2] {
+        unsafe fn step(
+            &self,
+            d: &Self::Scales,
+            _: &mut (),
+            g: usize,
+            s: usize,
+            h: usize,
+        ) -> __m256 {
             let q = &self.q[g * Self::STEPS + s];
             // q × d is exact, as candle's.
-            [0, 1].map(|h| _mm256_mul_ps(load_i8(q, h), load(&d[8 * h..])))
+            _mm256_mul_ps(load_i8(q, h), load(&d[8 * h..]))
         }
     }
 
@@ -345,10 +355,10 @@ pub(crate) mod avx2 {
             let sc = unsafe { b.scales() };
             for g in 0..B::GROUPS {
                 // SAFETY: as above.
-                let mut grp = unsafe { b.group(g) };
+                let mut grp = [0, 1].map(|h| unsafe { b.group(g, h) });
                 for s in 0..B::STEPS {
                     // SAFETY: as above.
-                    let w = unsafe { b.step(&sc, &mut grp, g, s) };
+                    let w = [0, 1].map(|h| unsafe { b.step(&sc, &mut grp[h], g, s, h) });
                     let kk = g * B::STEPS + s;
                     store(&mut o[kk * PANEL..], w[0]);
                     store(&mut o[kk * PANEL + 8..], w[1]);
@@ -357,8 +367,8 @@ pub(crate) mod avx2 {
         }
     }
 
-    /// `R` rows of `X` (`xt`, `k`-major: row `r` at `k` is `xt[k × stride
-    /// + r]`) against one whole panel (`blocks`: all of `k`), dequantizing
+    /// `R` rows of `X` (`xt`, `k`-major: row `r` at `k` is `xt[k × R +
+    /// r]`) against one whole panel (`blocks`: all of `k`), dequantizing
     /// each step in registers. `out` (`R × PANEL`) gets, per element, the
     /// FMA chain over `k` from zero, in order.
     ///
@@ -366,24 +376,19 @@ pub(crate) mod avx2 {
     /// `R`, measured slower here: the step is bound by its dequantizing
     /// uops, not by the FMA latency.)
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) fn direct<B: Steps, const R: usize>(
-        xt: &[f32],
-        stride: usize,
-        blocks: &[B],
-        out: &mut [f32],
-    ) {
+    pub(crate) fn direct<B: Steps, const R: usize>(xt: &[f32], blocks: &[B], out: &mut [f32]) {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         for (b, blk) in blocks.iter().enumerate() {
             // SAFETY: this function has the features `Steps` needs.
             let sc = unsafe { blk.scales() };
             for g in 0..B::GROUPS {
                 // SAFETY: as above.
-                let mut grp = unsafe { blk.group(g) };
-                let xg = &xt[(b * QK + g * B::STEPS) * stride..][..B::STEPS * stride];
-                for s in 0..B::STEPS {
+                let mut grp = [0, 1].map(|h| unsafe { blk.group(g, h) });
+                let xg = &xt[(b * QK + g * B::STEPS) * R..][..B::STEPS * R];
+                for (s, xs) in xg.chunks_exact(R).enumerate() {
                     // SAFETY: as above.
-                    let w = unsafe { blk.step(&sc, &mut grp, g, s) };
-                    for (a, &x) in acc.iter_mut().zip(&xg[s * stride..][..R]) {
+                    let w = [0, 1].map(|h| unsafe { blk.step(&sc, &mut grp[h], g, s, h) });
+                    for (a, &x) in acc.iter_mut().zip(xs) {
                         let x = _mm256_set1_ps(x);
                         a[0] = _mm256_fmadd_ps(x, w[0], a[0]);
                         a[1] = _mm256_fmadd_ps(x, w[1], a[1]);
@@ -394,6 +399,192 @@ pub(crate) mod avx2 {
         for (o, a) in out.chunks_exact_mut(PANEL).zip(&acc) {
             store(&mut o[..8], a[0]);
             store(&mut o[8..], a[1]);
+        }
+    }
+
+    /// As [`direct`], one half of the panel (8 columns) at a time over the
+    /// whole of `k`: `R` accumulators instead of `2R`, so up to 8 rows fit
+    /// the 16 registers beside the dequantizing ones, and each step's
+    /// dequantization feeds `R` FMAs. The second half reads the panel's
+    /// blocks again, from L1 (a panel is at most 15 KiB here). Every
+    /// element is still one FMA chain over `k`, in order, from zero.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) fn direct_halves<B: Steps, const R: usize>(
+        xt: &[f32],
+        blocks: &[B],
+        out: &mut [f32],
+    ) {
+        for h in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); R];
+            for (b, blk) in blocks.iter().enumerate() {
+                // SAFETY: this function has the features `Steps` needs.
+                let sc = unsafe { blk.scales() };
+                for g in 0..B::GROUPS {
+                    // SAFETY: as above.
+                    let mut grp = unsafe { blk.group(g, h) };
+                    let xg = &xt[(b * QK + g * B::STEPS) * R..][..B::STEPS * R];
+                    for (s, xs) in xg.chunks_exact(R).enumerate() {
+                        // SAFETY: as above.
+                        let w = unsafe { blk.step(&sc, &mut grp, g, s, h) };
+                        for (a, &x) in acc.iter_mut().zip(xs) {
+                            *a = _mm256_fmadd_ps(_mm256_set1_ps(x), w, *a);
+                        }
+                    }
+                }
+            }
+            for (o, a) in out.chunks_exact_mut(PANEL).zip(&acc) {
+                store(&mut o[8 * h..], *a);
+            }
+        }
+    }
+}
+
+/// The AVX-512 kernel of decode's few rows: a block's 16 columns are one
+/// 512-bit register, so a step's dequantization is half the instructions
+/// of AVX2's, the `x` values broadcast inside the FMAs, and 32 registers
+/// hold an accumulator for each of up to 16 rows (more independent chains
+/// than the FMA latency needs). The values are those of the AVX2 and
+/// scalar kernels, lane for lane: the same `f16` conversions, the same
+/// `q × d (+ m)`, the same FMA chains. Every function here carries
+/// AVX-512F (with AVX2, FMA and F16C); callers check them with
+/// `simd::avx512` first.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512 {
+    use super::{Q41, Q80, QK};
+    use crate::matmul::PANEL;
+    use std::arch::x86_64::*;
+
+    /// A block's 32 `k` steps: `GROUPS` groups of `STEPS` steps, each
+    /// step's 16 column values in one register.
+    pub(crate) trait Steps: super::QBlock {
+        /// The block's scales (and minimums), in registers.
+        type Scales: Copy;
+        /// One group's quantized values, in a register.
+        type Group: Copy;
+        const GROUPS: usize;
+        const STEPS: usize;
+        /// # Safety
+        /// The CPU must have AVX-512F, AVX2, FMA and F16C.
+        unsafe fn scales(&self) -> Self::Scales;
+        /// # Safety
+        /// As for [`Steps::scales`].
+        unsafe fn group(&self, g: usize) -> Self::Group;
+        /// The values at `k = g × STEPS + s` of the block; called for `s` in
+        /// order (it may consume `grp` as it goes).
+        ///
+        /// # Safety
+        /// As for [`Steps::scales`].
+        unsafe fn step(
+            &self,
+            sc: &Self::Scales,
+            grp: &mut Self::Group,
+            g: usize,
+            s: usize,
+        ) -> __m512;
+    }
+
+    /// Sixteen `f16` bits as `f32`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    fn load_f16(a: &[u16; PANEL]) -> __m512 {
+        // SAFETY: `a` is 16 readable `u16`s (32 bytes); the load is
+        // unaligned.
+        _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(a.as_ptr().cast()) })
+    }
+
+    impl Steps for Q41 {
+        /// `[d, m]`.
+        type Scales = [__m512; 2];
+        /// `q[g]`.
+        type Group = __m512i;
+        const GROUPS: usize = 4;
+        const STEPS: usize = 8;
+
+        #[inline]
+        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+        unsafe fn scales(&self) -> Self::Scales {
+            [load_f16(&self.d), load_f16(&self.m)]
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+        unsafe fn group(&self, g: usize) -> Self::Group {
+            // SAFETY: `q[g]` is 16 readable `u32`s (64 bytes); the load is
+            // unaligned.
+            unsafe { _mm512_loadu_si512(self.q[g].as_ptr().cast()) }
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+        unsafe fn step(
+            &self,
+            [d, m]: &Self::Scales,
+            grp: &mut Self::Group,
+            _: usize,
+            _: usize,
+        ) -> __m512 {
+            // The low nibble is this step's; shift the next one down.
+            let q = _mm512_and_si512(*grp, _mm512_set1_epi32(0x0F));
+            *grp = _mm512_srli_epi32::<4>(*grp);
+            // q × d is exact, so this is candle's q × d + m.
+            _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), *d, *m)
+        }
+    }
+
+    impl Steps for Q80 {
+        type Scales = __m512;
+        type Group = ();
+        const GROUPS: usize = 4;
+        const STEPS: usize = 8;
+
+        #[inline]
+        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+        unsafe fn scales(&self) -> Self::Scales {
+            load_f16(&self.d)
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+        unsafe fn group(&self, _: usize) -> Self::Group {}
+
+        #[inline]
+        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+        unsafe fn step(&self, d: &Self::Scales, _: &mut (), g: usize, s: usize) -> __m512 {
+            let q = &self.q[g * Self::STEPS + s];
+            // SAFETY: `q` is 16 readable bytes; the load is unaligned.
+            let q = unsafe { _mm_loadu_si128(q.as_ptr().cast()) };
+            // q × d is exact, as candle's.
+            _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), *d)
+        }
+    }
+
+    /// `R` rows of `X` (`xt`, `k`-major: row `r` at `k` is `xt[k × R +
+    /// r]`) against one whole panel (`blocks`: all of `k`), dequantizing
+    /// each step in registers. `out` (`R × PANEL`) gets, per element, the
+    /// FMA chain over `k` from zero, in order.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub(crate) fn direct<B: Steps, const R: usize>(xt: &[f32], blocks: &[B], out: &mut [f32]) {
+        let mut acc = [_mm512_setzero_ps(); R];
+        for (b, blk) in blocks.iter().enumerate() {
+            // SAFETY: this function has the features `Steps` needs.
+            let sc = unsafe { blk.scales() };
+            for g in 0..B::GROUPS {
+                // SAFETY: as above.
+                let mut grp = unsafe { blk.group(g) };
+                let xg = &xt[(b * QK + g * B::STEPS) * R..][..B::STEPS * R];
+                for (s, xs) in xg.chunks_exact(R).enumerate() {
+                    // SAFETY: as above.
+                    let w = unsafe { blk.step(&sc, &mut grp, g, s) };
+                    for (a, &x) in acc.iter_mut().zip(xs) {
+                        *a = _mm512_fmadd_ps(_mm512_set1_ps(x), w, *a);
+                    }
+                }
+            }
+        }
+        for (o, a) in out.chunks_exact_mut(PANEL).zip(&acc) {
+            let o = &mut o[..PANEL];
+            // SAFETY: `o` is 16 writable `f32`s; the store is unaligned.
+            unsafe { _mm512_storeu_ps(o.as_mut_ptr(), *a) };
         }
     }
 }

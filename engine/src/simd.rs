@@ -44,3 +44,19 @@ pub(crate) fn avx2_fma_f16c() -> bool {
         }
     })
 }
+
+/// Whether this CPU has AVX-512F beside AVX2, FMA and F16C (the quantized
+/// matmul's decode kernel), checked once.
+pub(crate) fn avx512() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            avx2_fma_f16c() && std::arch::is_x86_feature_detected!("avx512f")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
