@@ -303,7 +303,8 @@ pub(crate) fn matmul_with(x: &[f32], m: usize, w: &Packed, y: &mut [f32], isa: I
     // X in tiles of ROWS rows, each transposed to k × ROWS (rows past m are
     // zero and never read back); for the direct quantized kernels, one tile
     // of all m rows.
-    let width = if is_direct(m, w, isa) { m } else { ROWS };
+    let direct = is_direct(m, w, isa);
+    let width = if direct { m } else { ROWS };
     let tiles = m.div_ceil(width);
     let mut xt = vec![0.0f32; tiles * k * width];
     for (i, row) in x.chunks_exact(k).enumerate() {
@@ -312,17 +313,21 @@ pub(crate) fn matmul_with(x: &[f32], m: usize, w: &Packed, y: &mut [f32], isa: I
             tile[kk * width + i % width] = v;
         }
     }
+    let panels = n / PANEL;
+    let per_task = panels.div_ceil(rayon::current_num_threads() * 4).max(1);
+    if direct {
+        direct_into(&xt, m, w, y, per_task, isa);
+        return;
+    }
     // Panel-major output: panel p's m × PANEL block at p*m*PANEL (for one
     // row, that is `y` itself; the kernels write every output, so it need
     // not be zero).
-    let panels = n / PANEL;
     let mut yp = if m == 1 {
         Vec::new()
     } else {
         vec![0.0f32; m * n]
     };
     let yp_out = if m == 1 { &mut *y } else { &mut yp[..] };
-    let per_task = panels.div_ceil(rayon::current_num_threads() * 4).max(1);
     let out = yp_out.par_chunks_mut(per_task * m * PANEL);
     let xt = &xt;
     match &w.data {
@@ -343,6 +348,78 @@ pub(crate) fn matmul_with(x: &[f32], m: usize, w: &Packed, y: &mut [f32], isa: I
         for (i, r) in block.chunks_exact(PANEL).enumerate() {
             y[i * n + p * PANEL..][..PANEL].copy_from_slice(r);
         }
+    }
+}
+
+/// The direct kernels, each task writing its panels' columns of every row
+/// of `y` in place (no panel-major buffer to allocate, fill and transpose:
+/// 1.5 MB for the logits of 8 rows).
+fn direct_into(xt: &[f32], m: usize, w: &Packed, y: &mut [f32], per_task: usize, isa: Isa) {
+    let k = w.k;
+    let mut segments = row_segments(y, w.n, m, per_task * PANEL);
+    let tasks = segments.par_chunks_mut(m);
+    match &w.data {
+        Data::Q41(b) => tasks
+            .zip(b.par_chunks(per_task * k / QK))
+            .for_each(|(out, wp)| direct_entry(xt, m, k, wp, out, isa)),
+        Data::Q80(b) => tasks
+            .zip(b.par_chunks(per_task * k / QK))
+            .for_each(|(out, wp)| direct_entry(xt, m, k, wp, out, isa)),
+        Data::F32(_) => unreachable!("F32 weights have no direct kernel"),
+    }
+}
+
+/// `y` (`m` rows of `n`) cut in stretches of `cols` columns: task `t`'s
+/// stretch of row `r` at `t × m + r`, so that `par_chunks_mut(m)` hands
+/// each task its columns of every row.
+fn row_segments(y: &mut [f32], n: usize, m: usize, cols: usize) -> Vec<&mut [f32]> {
+    let mut rows: Vec<_> = y.chunks_exact_mut(n).map(|r| r.chunks_mut(cols)).collect();
+    let tasks = n.div_ceil(cols);
+    let mut segments = Vec::with_capacity(tasks * m);
+    for _ in 0..tasks {
+        segments.extend(
+            rows.iter_mut()
+                .map(|r| r.next().expect("a stretch per task")),
+        );
+    }
+    segments
+}
+
+/// The direct kernel of `isa` over the panels in `wp`, into `out` (this
+/// task's stretch of each row).
+fn direct_entry<B: quant::Kernel>(
+    xt: &[f32],
+    m: usize,
+    k: usize,
+    wp: &[B],
+    out: &mut [&mut [f32]],
+    isa: Isa,
+) {
+    #[cfg(target_arch = "x86_64")]
+    match isa {
+        // SAFETY: `direct_512` needs AVX-512F, AVX2, FMA and F16C, which
+        // `Isa::best` confirmed.
+        Isa::Avx512 => unsafe { direct_512(xt, m, k, wp, out) },
+        // SAFETY: `direct_avx2` needs AVX2, FMA and F16C, which `Isa::best`
+        // confirmed.
+        Isa::Avx2 => unsafe { direct_avx2(xt, m, k, wp, out) },
+        Isa::Scalar => unreachable!("the scalar ISA has no direct kernel"),
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!(
+        "{isa:?} has no direct kernel here ({m}x{k}, {} blocks, {} rows)",
+        wp.len(),
+        out.len()
+    )
+}
+
+/// A panel's `R × PANEL` outputs (`tile`) into the rows' stretches, at
+/// panel `pi` of the stretch.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn scatter(tile: &[f32], pi: usize, out: &mut [&mut [f32]]) {
+    for (row, t) in out.iter_mut().zip(tile.chunks_exact(PANEL)) {
+        row[pi * PANEL..][..PANEL].copy_from_slice(t);
     }
 }
 
@@ -376,6 +453,7 @@ const DIRECT_ROWS_512: usize = 12;
 /// accumulators), which leaves room for the dequantizing registers.
 /// (Measured here, one core: at 4 rows whole 61 GFLOP/s, halves 55; at 8
 /// rows halves 72, against 57 through the L1 scratch.)
+#[cfg(target_arch = "x86_64")]
 const WHOLE_PANEL_ROWS: usize = 4;
 
 /// Whether [`quant_entry`] runs the direct kernels (which read `X` as one
@@ -384,8 +462,8 @@ fn is_direct(m: usize, w: &Packed, isa: Isa) -> bool {
     !matches!(w.data, Data::F32(_)) && m <= isa.direct_rows()
 }
 
-/// The quantized panels in `wp` against all rows, into the panel-major
-/// `out`.
+/// The quantized panels in `wp` against all rows through the L1 scratch,
+/// into the panel-major `out`.
 fn quant_entry<B: quant::Kernel>(
     xt: &[f32],
     m: usize,
@@ -395,26 +473,11 @@ fn quant_entry<B: quant::Kernel>(
     isa: Isa,
 ) {
     #[cfg(target_arch = "x86_64")]
-    match isa {
-        // `xt` is one tile of all m rows (see `is_direct`).
-        Isa::Avx512 if m <= DIRECT_ROWS_512 => {
-            // SAFETY: `direct_512` needs AVX-512F, AVX2, FMA and F16C,
-            // which `Isa::best` confirmed.
-            unsafe { direct_512(xt, m, k, wp, out) };
-            return;
-        }
-        Isa::Avx2 if m <= DIRECT_ROWS => {
-            // SAFETY: `direct_avx2` needs AVX2, FMA and F16C, which
-            // `Isa::best` confirmed.
-            unsafe { direct_avx2(xt, m, k, wp, out) };
-            return;
-        }
-        Isa::Avx2 | Isa::Avx512 => {
-            // SAFETY: as above (AVX-512 comes with them).
-            unsafe { quant_fast(xt, m, k, wp, out) };
-            return;
-        }
-        Isa::Scalar => {}
+    if isa != Isa::Scalar {
+        // SAFETY: `quant_fast` needs AVX2, FMA and F16C, which `Isa::best`
+        // confirmed for every ISA but the scalar one.
+        unsafe { quant_fast(xt, m, k, wp, out) };
+        return;
     }
     let _ = isa;
     quant_panels(xt, m, k, wp, out, |blocks, scratch| {
@@ -437,9 +500,11 @@ fn quant_fast<B: quant::Kernel>(xt: &[f32], m: usize, k: usize, wp: &[B], out: &
 /// AVX2 direct kernels.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn direct_avx2<B: quant::Kernel>(xt: &[f32], m: usize, k: usize, wp: &[B], out: &mut [f32]) {
-    for (panel, o) in wp.chunks_exact(k / QK).zip(out.chunks_exact_mut(m * PANEL)) {
-        direct_rows(xt, m, panel, o);
+fn direct_avx2<B: quant::Kernel>(xt: &[f32], m: usize, k: usize, wp: &[B], out: &mut [&mut [f32]]) {
+    let mut tile = [0.0f32; DIRECT_ROWS * PANEL];
+    for (pi, panel) in wp.chunks_exact(k / QK).enumerate() {
+        direct_rows(xt, m, panel, &mut tile[..m * PANEL]);
+        scatter(&tile[..m * PANEL], pi, out);
     }
 }
 
@@ -447,9 +512,11 @@ fn direct_avx2<B: quant::Kernel>(xt: &[f32], m: usize, k: usize, wp: &[B], out: 
 /// AVX-512 direct kernel.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-fn direct_512<B: quant::Kernel>(xt: &[f32], m: usize, k: usize, wp: &[B], out: &mut [f32]) {
+fn direct_512<B: quant::Kernel>(xt: &[f32], m: usize, k: usize, wp: &[B], out: &mut [&mut [f32]]) {
     use quant::avx512::direct;
-    for (panel, o) in wp.chunks_exact(k / QK).zip(out.chunks_exact_mut(m * PANEL)) {
+    let mut tile = [0.0f32; DIRECT_ROWS_512 * PANEL];
+    for (pi, panel) in wp.chunks_exact(k / QK).enumerate() {
+        let o = &mut tile[..m * PANEL];
         match m {
             12 => direct::<B, 12>(xt, panel, o),
             11 => direct::<B, 11>(xt, panel, o),
@@ -464,6 +531,7 @@ fn direct_512<B: quant::Kernel>(xt: &[f32], m: usize, k: usize, wp: &[B], out: &
             2 => direct::<B, 2>(xt, panel, o),
             _ => direct::<B, 1>(xt, panel, o),
         }
+        scatter(o, pi, out);
     }
 }
 
