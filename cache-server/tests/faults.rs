@@ -859,17 +859,23 @@ fn device_config(slots: usize) -> DevicePoolConfig {
         .unwrap()
 }
 
-fn device_pool_is_the_top_tier(device: Arc<dyn BlockPool>) {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = Cache::open(
+/// A cache over `device`, `host_blocks` of host RAM and a disk tier in
+/// `dir`.
+fn device_cache(device: Arc<dyn BlockPool>, host_blocks: usize, dir: &Path) -> Cache {
+    Cache::open(
         CacheConfig::builder(PAGE, BLOCK, "faults-layout")
-            .host_bytes(8 * BLOCK)
-            .disk(dir.path(), (64 * 2 * BLOCK) as u64)
-            .device(device.clone())
+            .host_bytes(host_blocks * BLOCK)
+            .disk(dir, (64 * 2 * BLOCK) as u64)
+            .device(device)
             .build()
             .unwrap(),
     )
-    .unwrap();
+    .unwrap()
+}
+
+fn device_pool_is_the_top_tier(device: Arc<dyn BlockPool>) {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = device_cache(device.clone(), 8, dir.path());
     let ns = cache.namespace("t", "m", "").unwrap();
     for id in 0..5 {
         let out = cache.store(ns, &prompt(id, 4), 0, &data(id, 0..4)).unwrap();
@@ -976,15 +982,7 @@ fn a_disk_that_cannot_be_opened_is_an_error() {
 fn making_room_reaches_past_short_nodes() {
     let device = Arc::new(SimulatedDevice::new(device_config(8)).unwrap());
     let dir = tempfile::tempdir().unwrap();
-    let cache = Cache::open(
-        CacheConfig::builder(PAGE, BLOCK, "faults-layout")
-            .host_bytes(32 * BLOCK)
-            .disk(dir.path(), (64 * 2 * BLOCK) as u64)
-            .device(device.clone())
-            .build()
-            .unwrap(),
-    )
-    .unwrap();
+    let cache = device_cache(device, 32, dir.path());
     let ns = cache.namespace("t", "m", "").unwrap();
     let (a, b) = (prompt(1, 8), prompt(2, 8));
     cache.store(ns, &b, 0, &data(2, 0..8)).unwrap();

@@ -17,6 +17,9 @@
 //!
 //! Run: `cargo bench -p tiers --features cuda --bench device`.
 
+mod common;
+
+use common::{pattern, SIZES};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -24,17 +27,6 @@ use criterion::{BenchmarkId, Criterion, Throughput};
 use tiers::cuda::{CopyDirection, CudaPool};
 use tiers::device::DevicePoolConfig;
 use tiers::{BlockGeometry, BlockPool};
-
-const SIZES: [(usize, &str); 4] = [
-    (64 << 10, "64KiB"),
-    (256 << 10, "256KiB"),
-    (1 << 20, "1MiB"),
-    (2 << 20, "2MiB"),
-];
-
-fn pattern(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i.wrapping_mul(31) >> 3) as u8).collect()
-}
 
 /// Staging chunk sizes the paired table compares (the pool's default is
 /// one of them).

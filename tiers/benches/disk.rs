@@ -20,6 +20,9 @@
 //!
 //! Run: `cargo bench -p tiers --bench disk`.
 
+mod common;
+
+use common::SIZES;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -31,12 +34,6 @@ use tiers::disk::{DiskPool, DiskPoolConfig};
 use tiers::io::AlignedBuf;
 use tiers::{BlockGeometry, BlockPool, SlotId};
 
-const SIZES: [(usize, &str); 4] = [
-    (64 << 10, "64KiB"),
-    (256 << 10, "256KiB"),
-    (1 << 20, "1MiB"),
-    (2 << 20, "2MiB"),
-];
 const WORKING_SET: usize = 256 << 20;
 const META: usize = 64;
 

@@ -11,23 +11,15 @@
 //! and destinations (more than the last-level cache of the reference
 //! machine), so memcpy, store and load all run at memory speed.
 
+mod common;
+
+use common::{pattern, SIZES};
 use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use tiers::host::{HostPool, HostPoolConfig};
 use tiers::{BlockGeometry, BlockPool};
-
-const SIZES: [(usize, &str); 4] = [
-    (64 << 10, "64KiB"),
-    (256 << 10, "256KiB"),
-    (1 << 20, "1MiB"),
-    (2 << 20, "2MiB"),
-];
-
-fn pattern(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i.wrapping_mul(31) >> 3) as u8).collect()
-}
 
 fn host_copies(c: &mut Criterion) {
     for (size, label) in SIZES {
