@@ -845,7 +845,10 @@ fn a_cuda_pool_is_the_top_tier() {
     match tiers::cuda::CudaPool::new(device_config(8)) {
         Ok(pool) => {
             println!("CUDA device: {}", pool.backend().device_name());
-            device_pool_is_the_top_tier(Arc::new(pool));
+            let pool = Arc::new(pool);
+            device_pool_is_the_top_tier(pool.clone());
+            // The cache attached its host tier: moves were single DMAs.
+            assert!(pool.backend().direct_copies() > 0);
         }
         Err(e) => println!("skipped: no CUDA device ({e})"),
     }

@@ -13,7 +13,9 @@
 //! same bytes, the CPU half of a staged copy) run interleaved for a second
 //! per block size and staging chunk size, and a table prints each pool copy
 //! as a fraction of its baseline, so the ratios do not depend on load
-//! drifting between criterion's runs.
+//! drifting between criterion's runs. A last table does the same for moves
+//! between a DMA-registered host tier and the GPU, as the cache's mover
+//! makes them (`copy_into`): one DMA each, no staging.
 //!
 //! Run: `cargo bench -p tiers --features cuda --bench device`.
 
@@ -137,6 +139,58 @@ fn paired(pool: &CudaPool, size: usize) -> [f64; 5] {
     time.map(|t| bytes / t.as_secs_f64() / 1e9)
 }
 
+/// GB/s of moves between an attached (DMA-registered) host tier and the
+/// GPU, as the cache's mover makes them, beside the pinned DMA baselines:
+/// [dma_h2d, host->gpu, dma_d2h, gpu->host].
+fn moves(size: usize) -> Option<[f64; 4]> {
+    let pool = pool(size)?;
+    let geometry = *pool.geometry();
+    let host = std::sync::Arc::new(
+        tiers::host::HostPool::new(
+            tiers::host::HostPoolConfig::builder(geometry)
+                .capacity_bytes(4 * size)
+                .build()
+                .expect("host config"),
+        )
+        .expect("host pool"),
+    );
+    assert!(pool.attach_host(&host).expect("registering the host tier"));
+    let mut buf = vec![0u8; size];
+    let src = host.allocate().expect("a host slot");
+    host.write(src, &pattern(size), b"meta").expect("write");
+    let on_gpu = pool.allocate().expect("a device slot");
+    host.copy_into(src, &pool, on_gpu, b"meta", &mut buf)
+        .expect("host -> gpu");
+    let batch = (64 << 20) / size as u64;
+    let mut time = [Duration::ZERO; 4];
+    let end = Instant::now() + Duration::from_secs(1);
+    let mut rounds = 0u64;
+    while Instant::now() < end {
+        time[0] += baseline(&pool, size, batch, CopyDirection::ToDevice);
+        let t = Instant::now();
+        for _ in 0..batch {
+            let d = pool.allocate().expect("a device slot");
+            host.copy_into(src, &pool, d, b"meta", &mut buf)
+                .expect("host -> gpu");
+            pool.free(d);
+        }
+        time[1] += t.elapsed();
+        time[2] += baseline(&pool, size, batch, CopyDirection::FromDevice);
+        let t = Instant::now();
+        for _ in 0..batch {
+            let h = host.allocate().expect("a host slot");
+            pool.copy_into(on_gpu, &*host, h, b"meta", &mut buf)
+                .expect("gpu -> host");
+            host.free(h);
+        }
+        time[3] += t.elapsed();
+        rounds += 1;
+    }
+    assert!(pool.backend().direct_copies() > 0, "moves went straight");
+    let bytes = (rounds * batch * size as u64) as f64;
+    Some(time.map(|t| bytes / t.as_secs_f64() / 1e9))
+}
+
 fn main() {
     let pools: Vec<_> = SIZES
         .iter()
@@ -168,5 +222,21 @@ fn main() {
                 load / d2h
             );
         }
+    }
+
+    println!("\nmoves with the host tier attached (one DMA each), GB/s:");
+    println!(
+        "{:>8} {:>9} {:>9} {:>6} {:>9} {:>9} {:>6}",
+        "block", "dma_h2d", "host>gpu", "ratio", "dma_d2h", "gpu>host", "ratio"
+    );
+    for &(size, label) in &SIZES {
+        let Some([h2d, up, d2h, down]) = moves(size) else {
+            continue;
+        };
+        println!(
+            "{label:>8} {h2d:>9.2} {up:>9.2} {:>6.2} {d2h:>9.2} {down:>9.2} {:>6.2}",
+            up / h2d,
+            down / d2h
+        );
     }
 }

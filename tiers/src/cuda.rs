@@ -9,18 +9,25 @@
 //! allocated cacheable, not write-combined, since the CPU reads it back on
 //! device-to-host copies. A transfer waits for a free lane.
 //!
+//! When the host tier is attached ([`BlockPool::attach_host`], which the
+//! cache does), its memory is registered with the driver (page-locked), so
+//! a block moving between host RAM and the GPU is one DMA straight from or
+//! into its host slot: no staging copy on the CPU.
+//!
 //! Every driver failure is [`TierError::Device`]; [`CudaPool::new`]
 //! returns an error, never panics, where there is no driver or no GPU.
 //! This module is the only place that names `cudarc`.
 
 use std::fmt;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
 use cudarc::driver::{result, sys, CudaContext, CudaEvent, CudaStream, DriverError};
 
 use crate::device::{DeviceBackend, DevicePool, DevicePoolConfig};
+use crate::host::HostPool;
 use crate::{Result, TierError};
 
 /// The device tier on a CUDA GPU.
@@ -49,8 +56,12 @@ pub enum CopyDirection {
 
 /// A slab of GPU memory with pinned staging lanes. See the module docs.
 pub struct CudaBackend {
-    // Field order is drop order: lanes (streams, events, staging), then the
-    // slab, then the context they all belong to.
+    // Field order is drop order: host registrations, lanes (streams,
+    // events, staging), then the slab, then the context they belong to.
+    registered: parking_lot::RwLock<Vec<Registered>>,
+    /// Copies that went straight between registered host memory and the
+    /// GPU (no staging).
+    direct_copies: AtomicU64,
     lanes_in: Sender<Lane>,
     lanes_out: Receiver<Lane>,
     slab: DeviceSlab,
@@ -107,6 +118,8 @@ impl CudaBackend {
             lanes_in.send(lane).expect("the channel holds every lane");
         }
         Ok(Self {
+            registered: parking_lot::RwLock::new(Vec::new()),
+            direct_copies: AtomicU64::new(0),
             lanes_in,
             lanes_out,
             slab,
@@ -119,6 +132,21 @@ impl CudaBackend {
     /// The GPU's name, as the driver reports it.
     pub fn device_name(&self) -> &str {
         &self.name
+    }
+
+    /// Copies that went straight between registered host memory and the
+    /// GPU, without staging.
+    pub fn direct_copies(&self) -> u64 {
+        self.direct_copies.load(Ordering::Relaxed)
+    }
+
+    /// Whether `len` bytes at `ptr` lie in registered host memory.
+    fn registered(&self, ptr: *const u8, len: usize) -> bool {
+        let (start, end) = (ptr as usize, ptr as usize + len);
+        self.registered
+            .read()
+            .iter()
+            .any(|r| start >= r.ptr as usize && end <= r.ptr as usize + r.len)
     }
 
     /// The slab's device address (slot offsets are relative to it).
@@ -206,7 +234,15 @@ impl DeviceBackend for CudaBackend {
         let dst = self.device_range(offset, data.len());
         let mut guard = self.lane()?;
         let lane = guard.get();
-        let copied = lane.upload(dst, data, self.chunk);
+        let copied = if self.registered(data.as_ptr(), data.len()) {
+            self.direct_copies.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: the destination lies in the slab (`device_range`);
+            // the source is page-locked host memory borrowed for this call,
+            // which synchronizes the stream below before returning.
+            unsafe { result::memcpy_htod_async(dst, data, lane.stream.cu_stream()) }
+        } else {
+            lane.upload(dst, data, self.chunk)
+        };
         // Always drain the stream, even after an error: the staging chunks
         // must be idle before the lane is handed to another transfer.
         let drained = lane.stream.synchronize();
@@ -219,11 +255,69 @@ impl DeviceBackend for CudaBackend {
         let src = self.device_range(offset, out.len());
         let mut guard = self.lane()?;
         let lane = guard.get();
-        let copied = lane.download(src, out, self.chunk);
+        let copied = if self.registered(out.as_ptr(), out.len()) {
+            self.direct_copies.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: the source lies in the slab; `out` is page-locked
+            // host memory borrowed exclusively for this call, which
+            // synchronizes the stream below before returning.
+            unsafe { result::memcpy_dtoh_async(out, src, lane.stream.cu_stream()) }
+        } else {
+            lane.download(src, out, self.chunk)
+        };
         let drained = lane.stream.synchronize();
         copied
             .and(drained)
             .map_err(device_error("copying a block from the device"))
+    }
+
+    fn attach_host(&self, host: &Arc<HostPool>) -> Result<bool> {
+        let (ptr, len) = host.memory();
+        let mut registered = self.registered.write();
+        if registered.iter().any(|r| r.ptr == ptr) {
+            return Ok(true);
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(device_error("binding the CUDA context"))?;
+        // SAFETY: `ptr..ptr + len` is the host pool's whole mapping, which
+        // the `Registered` record keeps alive (it holds the pool) until its
+        // drop unregisters it. Portable: every context may DMA to it.
+        unsafe { sys::cuMemHostRegister_v2(ptr.cast(), len, sys::CU_MEMHOSTREGISTER_PORTABLE) }
+            .result()
+            .map_err(device_error("registering the host tier for DMA"))?;
+        registered.push(Registered {
+            ptr,
+            len,
+            ctx: self.ctx.clone(),
+            _host: host.clone(),
+        });
+        Ok(true)
+    }
+}
+
+/// Host memory registered (page-locked) with the driver. Holds the pool
+/// that owns the memory, so the memory outlives the registration.
+struct Registered {
+    ptr: *mut u8,
+    len: usize,
+    ctx: Arc<CudaContext>,
+    _host: Arc<HostPool>,
+}
+
+// SAFETY: the pointer is only compared and handed to the driver; the
+// memory it names is the host pool's, which is itself shared across threads.
+unsafe impl Send for Registered {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for Registered {}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: registered by `attach_host` and unregistered once;
+            // no copy is in flight (each copy synchronizes before it
+            // returns, and the backend is being dropped).
+            let _ = unsafe { sys::cuMemHostUnregister(self.ptr.cast()) };
+        }
     }
 }
 

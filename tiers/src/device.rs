@@ -192,6 +192,12 @@ pub trait DeviceBackend: Send + Sync + fmt::Debug {
     /// `offset + out.len() <= self.slab_bytes()`, and while the call runs
     /// no `copy_in` touches any of those slab bytes.
     unsafe fn copy_out(&self, offset: usize, out: &mut [u8]) -> Result<()>;
+
+    /// See [`BlockPool::attach_host`]; the default does nothing.
+    fn attach_host(&self, host: &std::sync::Arc<crate::host::HostPool>) -> Result<bool> {
+        let _ = host;
+        Ok(false)
+    }
 }
 
 /// A pool of device block slots over a [`DeviceBackend`]; medium
@@ -299,6 +305,10 @@ impl<B: DeviceBackend> BlockPool for DevicePool<B> {
 
     fn free(&self, slot: SlotId) {
         self.slots.free(slot);
+    }
+
+    fn attach_host(&self, host: &std::sync::Arc<crate::host::HostPool>) -> Result<bool> {
+        self.backend.attach_host(host)
     }
 }
 

@@ -449,6 +449,27 @@ impl Region {
         unsafe { std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), out.len()) }
     }
 
+    /// Borrows `len` bytes at `offset` to write them in place. Panics if
+    /// out of bounds.
+    ///
+    /// # Safety
+    /// Nobody else reads or writes these bytes while the returned slice
+    /// lives.
+    #[allow(clippy::mut_from_ref)] // exclusivity is the caller's contract
+    pub(crate) unsafe fn slice_mut(&self, offset: usize, len: usize) -> &mut [u8] {
+        let ptr = self.range_ptr(offset, len);
+        // SAFETY: in bounds, the mapping lives as long as `self`, and the
+        // caller guarantees exclusive access for the slice's lifetime.
+        unsafe { std::slice::from_raw_parts_mut(ptr, len) }
+    }
+
+    /// The whole mapping's address and length (to register it with a
+    /// device driver for DMA).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn bounds(&self) -> (*mut u8, usize) {
+        (self.base.as_ptr(), self.len)
+    }
+
     /// Borrows `len` bytes at `offset`. Panics if out of bounds.
     ///
     /// # Safety
@@ -753,6 +774,55 @@ impl BlockPool for HostPool {
 
     fn free(&self, slot: SlotId) {
         self.slots.free(slot);
+    }
+
+    /// `fill` writes straight into the slot.
+    fn write_with(
+        &self,
+        slot: SlotId,
+        meta: &[u8],
+        _buf: &mut [u8],
+        fill: &mut dyn FnMut(&mut [u8]) -> Result<()>,
+    ) -> Result<()> {
+        self.slots.check(slot)?;
+        self.geometry.check_meta(meta)?;
+        self.slots.begin_write(slot)?;
+        // SAFETY: as in `write`: `begin_write` gave this call the slot
+        // alone until `end_write`, and the slice does not outlive `fill`.
+        let bytes = unsafe {
+            self.region
+                .slice_mut(self.offset(slot), self.geometry.block_bytes)
+        };
+        let filled = fill(bytes);
+        let published = self.slots.end_write(slot, filled.is_ok());
+        filled?;
+        if published {
+            Ok(())
+        } else {
+            Err(TierError::Empty(slot))
+        }
+    }
+
+    /// The block is lent in place (pinned while `to` copies it).
+    fn copy_into(
+        &self,
+        slot: SlotId,
+        to: &dyn BlockPool,
+        dest: SlotId,
+        meta: &[u8],
+        _buf: &mut [u8],
+    ) -> Result<()> {
+        self.slots.check(slot)?;
+        let block = self.block(slot)?;
+        to.write(dest, &block, meta)
+    }
+}
+
+impl HostPool {
+    /// The pool's memory (slots and any header), for DMA registration.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn memory(&self) -> (*mut u8, usize) {
+        self.region.bounds()
     }
 }
 

@@ -100,6 +100,11 @@ impl BlockGeometry {
     /// The checks every pool's `write` makes on its arguments.
     pub fn check_write(&self, data: &[u8], meta: &[u8]) -> Result<()> {
         self.check_block_len(data.len())?;
+        self.check_meta(meta)
+    }
+
+    /// `MetaTooLarge` if a metadata record is over the limit.
+    pub fn check_meta(&self, meta: &[u8]) -> Result<()> {
         if meta.len() > self.max_meta_bytes {
             return Err(TierError::MetaTooLarge {
                 got: meta.len(),
@@ -144,4 +149,47 @@ pub trait BlockPool: Send + Sync + std::fmt::Debug {
     /// Returns a slot to the free list. The caller guarantees that nobody
     /// reads it any more.
     fn free(&self, slot: SlotId);
+
+    /// [`write`](Self::write) with the bytes produced by `fill`: into the
+    /// slot itself where the medium is plain memory (host RAM, so a block
+    /// coming from another tier lands without passing through a buffer),
+    /// otherwise into `buf` (exactly `block_bytes`), which is then written.
+    /// An error from `fill` leaves the slot holding nothing readable, as a
+    /// failed `write` does.
+    fn write_with(
+        &self,
+        slot: SlotId,
+        meta: &[u8],
+        buf: &mut [u8],
+        fill: &mut dyn FnMut(&mut [u8]) -> Result<()>,
+    ) -> Result<()> {
+        fill(buf)?;
+        self.write(slot, buf, meta)
+    }
+
+    /// Copies the block in `slot` into slot `dest` (from
+    /// [`allocate`](Self::allocate)) of `to`: a move between tiers. `buf`
+    /// (exactly `block_bytes`) is used only where neither pool can lend or
+    /// take the bytes in place. After an error `dest` holds nothing
+    /// readable (the caller frees it).
+    fn copy_into(
+        &self,
+        slot: SlotId,
+        to: &dyn BlockPool,
+        dest: SlotId,
+        meta: &[u8],
+        buf: &mut [u8],
+    ) -> Result<()> {
+        to.write_with(dest, meta, buf, &mut |out| self.read(slot, out))
+    }
+
+    /// Lets this pool copy to and from the host tier's memory directly (a
+    /// GPU pool registers it with the driver, so copies between the two
+    /// tiers are one DMA, with no staging copy on the CPU). Returns whether
+    /// it did; the default does nothing. The pool keeps `host` alive for as
+    /// long as it uses its memory.
+    fn attach_host(&self, host: &std::sync::Arc<host::HostPool>) -> Result<bool> {
+        let _ = host;
+        Ok(false)
+    }
 }

@@ -157,9 +157,8 @@ fn copy_one(m: &Move, buf: &mut [u8]) -> Result<SlotId> {
             expected: m.to.geometry().block_bytes,
         });
     }
-    m.from.read(m.slot, buf)?;
     let dest = m.to.allocate()?;
-    match m.to.write(dest, buf, &m.meta) {
+    match m.from.copy_into(m.slot, &*m.to, dest, &m.meta, buf) {
         Ok(()) => Ok(dest),
         Err(e) => {
             m.to.free(dest);

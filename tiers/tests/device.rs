@@ -166,6 +166,62 @@ fn stress_with_injected_faults() {
     pool_contract::stress(&p, 4, 2_000);
 }
 
+/// A host pool of `slots` blocks with the device pools' geometry.
+fn host(block_bytes: usize, slots: usize) -> std::sync::Arc<tiers::host::HostPool> {
+    let g = BlockGeometry::new(block_bytes, 64, 0xd3_u64).unwrap();
+    let config = tiers::host::HostPoolConfig::builder(g)
+        .capacity_bytes(block_bytes * slots)
+        .build()
+        .unwrap();
+    std::sync::Arc::new(tiers::host::HostPool::new(config).unwrap())
+}
+
+/// Moves a block host → device → host with `copy_into` (the mover's way)
+/// and checks the bytes; a source that cannot be read leaves the
+/// destination empty and reusable.
+fn host_device_moves(host: &tiers::host::HostPool, device: &dyn BlockPool) {
+    let bb = host.geometry().block_bytes;
+    let mut buf = vec![0u8; bb];
+    let block = pattern(bb, 7, 1);
+    let h = host.allocate().unwrap();
+    host.write(h, &block, b"meta").unwrap();
+    let d = device.allocate().unwrap();
+    host.copy_into(h, device, d, b"meta", &mut buf).unwrap();
+    let back = host.allocate().unwrap();
+    device.copy_into(d, host, back, b"meta", &mut buf).unwrap();
+    assert!(
+        *host.block(back).unwrap() == block[..],
+        "host -> device -> host"
+    );
+    // A free source slot: the copy fails and the destination stays empty.
+    let empty = host.allocate().unwrap();
+    let d2 = device.allocate().unwrap();
+    assert!(host.copy_into(empty, device, d2, b"", &mut buf).is_err());
+    assert!(matches!(
+        device.read(d2, &mut buf),
+        Err(TierError::Empty(_))
+    ));
+    device.free(d2);
+    let h2 = host.allocate().unwrap();
+    assert!(device.copy_into(d2, host, h2, b"", &mut buf).is_err());
+    assert!(host.block(h2).is_err(), "a failed fill publishes nothing");
+    for slot in [h, back, empty, h2] {
+        host.free(slot);
+    }
+    device.free(d);
+}
+
+#[test]
+fn moves_between_host_and_device() {
+    let host = host(4096, 8);
+    let device = simulated(4096, 4);
+    assert!(
+        !device.attach_host(&host).unwrap(),
+        "the stand-in has no DMA"
+    );
+    host_device_moves(&host, &device);
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::pool_contract;
@@ -228,6 +284,28 @@ mod cuda {
             return;
         };
         pool_contract::stress(&p, 4, 500);
+    }
+
+    /// With the host tier attached, moves between it and the GPU are one
+    /// DMA each (no staging), and exact.
+    #[test]
+    fn cuda_moves_with_an_attached_host_tier() {
+        let Some(p) = gpu_pool((256 << 10) + 4096, 4, 64 << 10, 2) else {
+            return;
+        };
+        let host = super::host((256 << 10) + 4096, 8);
+        super::host_device_moves(&host, &p);
+        assert_eq!(p.backend().direct_copies(), 0, "not attached yet");
+        assert!(p.attach_host(&host).unwrap());
+        assert!(p.attach_host(&host).unwrap(), "attaching twice is fine");
+        super::host_device_moves(&host, &p);
+        assert!(
+            p.backend().direct_copies() >= 2,
+            "host <-> GPU moves went straight: {}",
+            p.backend().direct_copies()
+        );
+        drop(host); // the pool keeps the registered memory alive
+        pool_contract::round_trip(&p);
     }
 
     #[test]

@@ -191,6 +191,13 @@ impl Cache {
             host_config = host_config.shared_memory(path);
         }
         let host = Arc::new(HostPool::new(host_config.build()?)?);
+        if let Some(device) = &config.device {
+            // Moves between host and GPU become one DMA each; without it
+            // they still work, staged through the device pool's buffers.
+            if let Err(e) = device.attach_host(&host) {
+                tracing::warn!("device tier: host memory not registered for DMA: {e}");
+            }
+        }
         let (disk, recovered) = match &config.disk {
             Some((dir, bytes)) => {
                 let mut builder = DiskPoolConfig::builder(dir, geometry).capacity_bytes(*bytes);
