@@ -763,9 +763,9 @@ mod tests {
         assert_eq!(
             got,
             [
-                "lru hits 144/172/241 of 740 stored 179 unstored 4 demoted 409 promoted 248",
-                "slru hits 148/172/233 of 740 stored 185 unstored 2 demoted 438 promoted 249",
-                "cost hits 148/176/236 of 740 stored 180 unstored 0 demoted 435 promoted 258",
+                "lru hits 141/109/273 of 740 stored 215 unstored 2 demoted 668 promoted 381",
+                "slru hits 141/125/250 of 740 stored 220 unstored 4 demoted 657 promoted 369",
+                "cost hits 141/162/238 of 740 stored 195 unstored 4 demoted 622 promoted 397",
             ]
         );
     }

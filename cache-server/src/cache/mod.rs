@@ -664,12 +664,15 @@ impl Cache {
             }
             return Ok(freed);
         };
-        // Candidates are the tails of the lowest-ranked leaves; a page
-        // above them becomes one only once they are gone, so a prefix cut
-        // into short nodes (leases end nodes) takes several rounds.
-        let mut freed = 0;
-        while freed < pages {
-            let round = self.demote_round(tier, lower, pages - freed)?;
+        // One round takes the batch where the candidates allow. Candidates
+        // are the tails of the lowest-ranked leaves, and a page above them
+        // becomes one only once they are gone, so a prefix cut into short
+        // nodes (leases end nodes) may take more rounds: those go on only
+        // until what was asked is free, never to fill the batch.
+        let need = want - free;
+        let mut freed = self.demote_round(tier, lower, pages)?;
+        while freed < need {
+            let round = self.demote_round(tier, lower, need - freed)?;
             if round == 0 {
                 break;
             }
