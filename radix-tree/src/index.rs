@@ -6,19 +6,81 @@ use crate::error::{IndexError, Result};
 use crate::events::EventSink;
 use crate::namespace::{NamespaceConfig, NamespaceId, NamespaceKey};
 use crate::policy::{EvictionPolicy, Lru};
-use crate::sync::{Arc, AtomicU64, OnceLock, Ordering, RwLock, RwLockWriteGuard};
+use crate::sync::{
+    spin_loop, yield_now, Arc, AtomicU64, OnceLock, Ordering, RwLock, RwLockReadGuard,
+    RwLockWriteGuard,
+};
 use crate::tree::{Candidate, OpCtx, PageSnapshot, Tree};
 use crate::{
     BlockId, EvictedPage, InsertOutcome, Lease, LeaseId, Match, PageHash, PageLocation, PinKind,
     Tier, TIERS,
 };
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A TTL in milliseconds, saturating: `as u64` would wrap a huge TTL to a
 /// short (even zero) one.
 fn ttl_ms(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// How long a writer waits for a moment with no reader inside a namespace
+/// before it queues for the lock. parking_lot's lock is fair to writers: a
+/// queued writer makes every reader that comes after it wait until it has
+/// waited out the readers inside, run and left, and a reader that waits
+/// long enough sleeps, so a write that queued behind a lookup cost the next
+/// lookup two thread wake-ups. A writer that waits for a gap first lets
+/// lookups pass while it waits; this bounds how long a stream of
+/// overlapping readers can hold it off before it queues as before.
+const WRITER_PATIENCE: Duration = Duration::from_micros(100);
+
+/// How long a reader spins while a writer is inside before it sleeps:
+/// writes are short (a bounded number of pages each), and waking a sleeping
+/// thread costs more than most of them.
+const READER_SPIN: Duration = Duration::from_micros(30);
+
+/// Takes a namespace's lock exclusively, waiting for a moment with no
+/// reader inside (see [`WRITER_PATIENCE`]) before it queues.
+fn write_lock(lock: &RwLock<Tree>) -> RwLockWriteGuard<'_, Tree> {
+    if let Some(guard) = lock.try_write() {
+        return guard;
+    }
+    let start = Instant::now();
+    let mut round = 0u32;
+    loop {
+        if round < 6 {
+            for _ in 0..(2u32 << round) {
+                spin_loop();
+            }
+            round += 1;
+        } else {
+            yield_now();
+        }
+        if let Some(guard) = lock.try_write() {
+            return guard;
+        }
+        if start.elapsed() >= WRITER_PATIENCE {
+            return lock.write();
+        }
+    }
+}
+
+/// Takes a namespace's lock shared, spinning for a while (see
+/// [`READER_SPIN`]) before it sleeps behind a writer.
+fn read_lock(lock: &RwLock<Tree>) -> RwLockReadGuard<'_, Tree> {
+    if let Some(guard) = lock.try_read() {
+        return guard;
+    }
+    let start = Instant::now();
+    loop {
+        spin_loop();
+        if let Some(guard) = lock.try_read() {
+            return guard;
+        }
+        if start.elapsed() >= READER_SPIN {
+            return lock.read();
+        }
+    }
 }
 
 /// Index-wide settings. Build with [`IndexConfig::builder`].
@@ -314,7 +376,7 @@ impl RadixIndex {
         entry: &NamespaceEntry,
         op: impl FnOnce(&mut Tree, &mut OpCtx<'_>) -> R,
     ) -> R {
-        let mut tree = entry.tree.write();
+        let mut tree = write_lock(&entry.tree);
         self.write_op_locked(entry, &mut tree, op)
     }
 
@@ -388,7 +450,7 @@ impl RadixIndex {
     ) -> Result<()> {
         self.check_len(tokens)?;
         let entry = self.entry(ns)?;
-        let tree = entry.tree.read();
+        let tree = read_lock(&entry.tree);
         tree.match_into(tokens, &*self.config.policy, self.next_tick(), out);
         drop(tree);
         self.counters.lookups.fetch_add(1, Ordering::Relaxed);
@@ -406,7 +468,7 @@ impl RadixIndex {
     /// Cached whole pages at the start of `tokens`; records nothing.
     pub fn cached_pages(&self, ns: NamespaceId, tokens: &[u32]) -> Result<usize> {
         self.check_len(tokens)?;
-        Ok(self.entry(ns)?.tree.read().match_len(tokens))
+        Ok(read_lock(&self.entry(ns)?.tree).match_len(tokens))
     }
 
     /// Records `blocks` (one per whole page of `tokens`; a partial tail is
@@ -489,7 +551,7 @@ impl RadixIndex {
     /// Chained hashes of every whole page of `tokens` in this namespace.
     pub fn page_hashes(&self, ns: NamespaceId, tokens: &[u32]) -> Result<Vec<PageHash>> {
         self.check_len(tokens)?;
-        Ok(self.entry(ns)?.tree.read().page_hashes(tokens))
+        Ok(read_lock(&self.entry(ns)?.tree).page_hashes(tokens))
     }
 
     /// Every cached page of a namespace, parents before children, and what
@@ -502,7 +564,7 @@ impl RadixIndex {
         at: impl FnOnce() -> T,
     ) -> Result<(Vec<PageSnapshot>, T)> {
         let entry = self.entry(ns)?;
-        let tree = entry.tree.read();
+        let tree = read_lock(&entry.tree);
         let mut pages = Vec::with_capacity(tree.pages as usize);
         tree.snapshot(&mut pages);
         Ok((pages, at()))
@@ -510,19 +572,19 @@ impl RadixIndex {
 
     /// Pages of one namespace: in all, and per tier.
     pub fn namespace_pages(&self, ns: NamespaceId) -> Result<(u64, [u64; TIERS])> {
-        let tree = self.entry(ns)?.tree.read();
+        let tree = read_lock(&self.entry(ns)?.tree);
         Ok((tree.pages, tree.tier_pages))
     }
 
     /// Where a page (named by hash) has copies, if it is cached.
     pub fn location(&self, ns: NamespaceId, hash: PageHash) -> Result<Option<PageLocation>> {
-        Ok(self.entry(ns)?.tree.read().location_of(hash))
+        Ok(read_lock(&self.entry(ns)?.tree).location_of(hash))
     }
 
     /// How many lookups have hit a page (counted for the run of pages it
     /// shares a node with); `None` if it is not cached.
     pub fn page_hits(&self, ns: NamespaceId, hash: PageHash) -> Result<Option<u32>> {
-        Ok(self.entry(ns)?.tree.read().page_hits(hash))
+        Ok(read_lock(&self.entry(ns)?.tree).page_hits(hash))
     }
 
     /// A cached page's parent page and tokens (what a tier needs to store
@@ -532,13 +594,13 @@ impl RadixIndex {
         ns: NamespaceId,
         hash: PageHash,
     ) -> Result<Option<(Option<PageHash>, Vec<u32>)>> {
-        Ok(self.entry(ns)?.tree.read().page_tokens(hash))
+        Ok(read_lock(&self.entry(ns)?.tree).page_tokens(hash))
     }
 
     /// How many of `hashes`, from the first, are cached (a run of hits).
     pub fn longest_cached_run(&self, ns: NamespaceId, hashes: &[PageHash]) -> Result<usize> {
         let entry = self.entry(ns)?;
-        let tree = entry.tree.read();
+        let tree = read_lock(&entry.tree);
         Ok(hashes
             .iter()
             .take_while(|h| tree.location_of(**h).is_some())
@@ -646,16 +708,14 @@ impl RadixIndex {
                     // write on a namespace does. Otherwise a shared lock is
                     // enough to read the namespace's lowest rank, so other
                     // tenants' lookups do not wait on this merge.
-                    let expired = e
-                        .tree
-                        .read()
+                    let expired = read_lock(&e.tree)
                         .next_expiry()
                         .is_some_and(|x| x <= self.config.clock.now_ms());
                     if expired {
-                        let mut tree = e.tree.write();
+                        let mut tree = write_lock(&e.tree);
                         self.write_op_locked(e, &mut tree, |_, _| ());
                     }
-                    let key = e.tree.read().peek_min_key(tier, &*self.config.policy);
+                    let key = read_lock(&e.tree).peek_min_key(tier, &*self.config.policy);
                     let Some(k) = key else {
                         continue;
                     };
@@ -690,9 +750,7 @@ impl RadixIndex {
     pub fn eviction_candidates(&self, tier: Tier, max: usize) -> Vec<Candidate> {
         let mut ranked = Vec::new();
         for e in self.entries() {
-            e.tree
-                .read()
-                .eviction_candidates(tier, max, &*self.config.policy, &mut ranked);
+            read_lock(&e.tree).eviction_candidates(tier, max, &*self.config.policy, &mut ranked);
         }
         ranked.sort_by_key(|(key, _)| *key);
         ranked.truncate(max);
@@ -844,7 +902,7 @@ impl RadixIndex {
         let now = self.config.clock.now_ms();
         self.entries()
             .map(|e| {
-                let mut tree = e.tree.write();
+                let mut tree = write_lock(&e.tree);
                 if tree.next_expiry().is_some_and(|x| x <= now) {
                     // write_op_locked reclaims expired leases before it runs
                     // its op, so count what the whole call released.
@@ -881,7 +939,7 @@ impl RadixIndex {
     /// Pages held on `tier` across all namespaces.
     pub fn tier_pages(&self, tier: Tier) -> u64 {
         self.entries()
-            .map(|e| e.tree.read().tier_pages[tier.index()])
+            .map(|e| read_lock(&e.tree).tier_pages[tier.index()])
             .sum()
     }
 
@@ -900,7 +958,7 @@ impl RadixIndex {
             ..IndexStats::default()
         };
         for e in entries {
-            let tree = e.tree.read();
+            let tree = read_lock(&e.tree);
             s.pages += tree.pages;
             for t in 0..TIERS {
                 s.tier_pages[t] += tree.tier_pages[t];
@@ -920,7 +978,7 @@ impl RadixIndex {
         let entries: Vec<&NamespaceEntry> = self.entries().collect();
         let mut by_tenant: HashMap<*const Tenant, u64> = HashMap::new();
         for e in &entries {
-            let tree = e.tree.read();
+            let tree = read_lock(&e.tree);
             tree.check_invariants(&*self.config.policy);
             *by_tenant.entry(Arc::as_ptr(&e.tenant)).or_default() += tree.pinned_pages;
         }
@@ -942,5 +1000,28 @@ mod tests {
     fn index_is_send_and_sync() {
         fn is<T: Send + Sync>() {}
         is::<RadixIndex>();
+    }
+
+    /// Readers that always overlap leave a writer no gap: once its patience
+    /// runs out it queues, and the lock's fairness lets it in.
+    #[test]
+    fn a_writer_gets_past_readers_that_always_overlap() {
+        use std::sync::atomic::AtomicBool;
+        let lock = RwLock::new(Tree::new(NamespaceId(0), 16, PageHash(1)));
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| {
+                    while !stop.load(Ordering::Relaxed) {
+                        let _guard = read_lock(&lock);
+                        std::thread::sleep(Duration::from_micros(300));
+                    }
+                });
+            }
+            for _ in 0..20 {
+                drop(write_lock(&lock));
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
     }
 }

@@ -45,10 +45,15 @@
 //! # Concurrency
 //! [`RadixIndex`] is shared by reference across threads. Each namespace has
 //! its own reader-writer lock: lookups take it shared (they record accesses
-//! in atomics), inserts, evictions and pins take it exclusive. Eviction
-//! across namespaces locks one namespace at a time. The namespace registry
-//! has its own lock, taken exclusively only to create a namespace. All locks
-//! and atomics come from the `sync` module, so a model checker can swap them.
+//! in atomics), inserts, evictions and pins take it exclusive. A writer
+//! first waits, up to a bound, for a moment with no reader inside instead
+//! of queueing at once (a queued writer blocks every later reader), and a
+//! reader spins a while before it sleeps behind a writer; past those bounds
+//! both fall back to the lock's own fair queueing, so neither side starves.
+//! Eviction across namespaces locks one namespace at a time. The namespace
+//! registry has its own lock, taken exclusively only to create a namespace.
+//! All locks and atomics come from the `sync` module, so a model checker
+//! can swap them.
 
 mod arena;
 mod children;
