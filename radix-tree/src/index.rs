@@ -83,6 +83,20 @@ fn read_lock(lock: &RwLock<Tree>) -> RwLockReadGuard<'_, Tree> {
     }
 }
 
+/// The chained hashes of the whole pages of `tokens`, the first chained
+/// from `parent`: computed before an insert takes its lock, so that the
+/// lock covers only the tree's changes.
+fn chain_hashes(parent: PageHash, tokens: &[u32], page_size: usize) -> Vec<PageHash> {
+    let mut prev = parent;
+    tokens
+        .chunks_exact(page_size)
+        .map(|page| {
+            prev = prev.chain(page);
+            prev
+        })
+        .collect()
+}
+
 /// Index-wide settings. Build with [`IndexConfig::builder`].
 #[derive(Debug, Clone)]
 pub struct IndexConfig {
@@ -191,6 +205,8 @@ struct Tenant {
 #[derive(Debug)]
 struct NamespaceEntry {
     key: NamespaceKey,
+    /// What the namespace's first page chains from.
+    seed: PageHash,
     tenant: Arc<Tenant>,
     page_size: usize,
     tree: RwLock<Tree>,
@@ -316,11 +332,13 @@ impl RadixIndex {
                 })
             })
             .clone();
+        let seed = key.seed();
         let entry = NamespaceEntry {
             key: key.clone(),
+            seed,
             tenant,
             page_size: config.page_size(),
-            tree: RwLock::new(Tree::new(id, config.page_size(), key.seed())),
+            tree: RwLock::new(Tree::new(id, config.page_size(), seed)),
         };
         if self.slots[index].set(Box::new(entry)).is_err() {
             unreachable!("slots are filled in order under the registry lock");
@@ -495,8 +513,9 @@ impl RadixIndex {
     ) -> Result<InsertOutcome> {
         let entry = self.entry(ns)?;
         self.check_insert(entry, tokens, blocks)?;
+        let hashes = chain_hashes(entry.seed, tokens, entry.page_size);
         let out = self.write_op(entry, |tree, ctx| {
-            tree.insert(tokens, tier, blocks, priority, ctx)
+            tree.insert(tokens, &hashes, tier, blocks, priority, ctx)
         });
         self.counters
             .inserted_pages
@@ -519,8 +538,9 @@ impl RadixIndex {
     ) -> Result<InsertOutcome> {
         let entry = self.entry(ns)?;
         self.check_insert(entry, tokens, blocks)?;
+        let hashes = chain_hashes(parent.unwrap_or(entry.seed), tokens, entry.page_size);
         let out = self.write_op(entry, |tree, ctx| {
-            tree.insert_after(parent, tokens, tier, blocks, 0, ctx)
+            tree.insert_after(parent, tokens, &hashes, tier, blocks, 0, ctx)
         })?;
         self.counters
             .inserted_pages
@@ -551,7 +571,8 @@ impl RadixIndex {
     /// Chained hashes of every whole page of `tokens` in this namespace.
     pub fn page_hashes(&self, ns: NamespaceId, tokens: &[u32]) -> Result<Vec<PageHash>> {
         self.check_len(tokens)?;
-        Ok(read_lock(&self.entry(ns)?.tree).page_hashes(tokens))
+        let entry = self.entry(ns)?;
+        Ok(chain_hashes(entry.seed, tokens, entry.page_size))
     }
 
     /// Every cached page of a namespace, parents before children, and what

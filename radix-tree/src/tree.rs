@@ -425,17 +425,6 @@ impl Tree {
         pages
     }
 
-    pub(crate) fn page_hashes(&self, tokens: &[u32]) -> Vec<PageHash> {
-        let mut parent = self.seed;
-        tokens
-            .chunks_exact(self.page_size)
-            .map(|page| {
-                parent = parent.chain(page);
-                parent
-            })
-            .collect()
-    }
-
     fn locate(&self, hash: PageHash) -> Option<(u32, usize)> {
         let &n = self.by_hash.get(&hash.short())?;
         // The map names the node; find the page in it comparing one word
@@ -810,23 +799,29 @@ impl Tree {
         self.nodes[parent as usize].children.insert(key, child);
     }
 
+    /// `hashes` names each whole page of `tokens` (chained from the
+    /// namespace's seed), computed by the caller before it took the lock.
     pub(crate) fn insert(
         &mut self,
         tokens: &[u32],
+        hashes: &[PageHash],
         tier: Tier,
         blocks: &[BlockId],
         priority: u8,
         ctx: &mut OpCtx<'_>,
     ) -> InsertOutcome {
-        self.insert_from(ROOT, tokens, tier, blocks, priority, ctx)
+        self.insert_from(ROOT, tokens, hashes, tier, blocks, priority, ctx)
     }
 
     /// Inserts the pages that follow the cached page `parent` (`None`: the
-    /// namespace's first pages), without walking the prefix again.
+    /// namespace's first pages), without walking the prefix again. `hashes`
+    /// names each whole page of `tokens`, chained from `parent`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn insert_after(
         &mut self,
         parent: Option<PageHash>,
         tokens: &[u32],
+        hashes: &[PageHash],
         tier: Tier,
         blocks: &[BlockId],
         priority: u8,
@@ -850,13 +845,15 @@ impl Tree {
                 n
             }
         };
-        Ok(self.insert_from(start, tokens, tier, blocks, priority, ctx))
+        Ok(self.insert_from(start, tokens, hashes, tier, blocks, priority, ctx))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn insert_from(
         &mut self,
         start: u32,
         tokens: &[u32],
+        hashes: &[PageHash],
         tier: Tier,
         blocks: &[BlockId],
         priority: u8,
@@ -920,6 +917,7 @@ impl Tree {
             node = self.append_new(
                 node,
                 &tokens[page * ps..total * ps],
+                &hashes[page..total],
                 &blocks[page..total],
                 tier,
                 priority,
@@ -930,11 +928,14 @@ impl Tree {
         out
     }
 
-    /// Adds a new leaf under `parent` holding `tokens` (whole pages).
+    /// Adds a new leaf under `parent` holding `tokens` (whole pages), named
+    /// `hashes`.
+    #[allow(clippy::too_many_arguments)]
     fn append_new(
         &mut self,
         parent: u32,
         tokens: &[u32],
+        hashes: &[PageHash],
         blocks: &[BlockId],
         tier: Tier,
         priority: u8,
@@ -945,7 +946,7 @@ impl Tree {
         let t = tier.index();
         let parent_node = &self.nodes[parent as usize];
         let depth = parent_node.depth_pages + parent_node.pages() as u32;
-        let mut prev = parent_node.last_hash().unwrap_or(self.seed);
+        let prev = parent_node.last_hash().unwrap_or(self.seed);
         let parent_before = self.presence(parent);
         let mut node = Node::new(parent, depth, ctx.tick);
         node.priority = priority;
@@ -958,11 +959,16 @@ impl Tree {
         node.tokens.extend_from_slice(tokens);
         node.slots.reserve_exact(pages);
         let first_parent = (parent != ROOT).then_some(prev);
-        for (i, page) in tokens.chunks_exact(ps).enumerate() {
-            prev = prev.chain(page);
+        debug_assert_eq!(hashes.len(), pages);
+        debug_assert!(tokens
+            .chunks_exact(ps)
+            .zip(hashes)
+            .try_fold(prev, |p, (page, &h)| (p.chain(page) == h).then_some(h))
+            .is_some());
+        for (&hash, &block) in hashes.iter().zip(blocks) {
             let mut loc = PageLocation::EMPTY;
-            loc.set(tier, Some(blocks[i]));
-            node.slots.push(PageSlot::new(prev, loc));
+            loc.set(tier, Some(block));
+            node.slots.push(PageSlot::new(hash, loc));
         }
         node.tier_pages[t] = pages as u32;
         let n = self.alloc(node);
