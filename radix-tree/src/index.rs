@@ -839,7 +839,7 @@ impl RadixIndex {
         ttl: Duration,
     ) -> Result<Lease> {
         self.pin_with(ns, ttl, |tree, expires_ms, policy, admit| {
-            tree.pin_page(hash, kind, expires_ms, policy, admit)
+            tree.pin_page(hash, false, kind, expires_ms, policy, admit)
         })
     }
 
@@ -856,7 +856,7 @@ impl RadixIndex {
         ttl: Duration,
     ) -> Result<Lease> {
         self.pin_with(ns, ttl, |tree, expires_ms, policy, admit| {
-            tree.pin_page_node(hash, kind, expires_ms, policy, admit)
+            tree.pin_page(hash, true, kind, expires_ms, policy, admit)
         })
     }
 

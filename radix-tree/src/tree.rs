@@ -1318,10 +1318,15 @@ impl Tree {
         self.pin_at(target, partial, matched, kind, expires_ms, policy, admit)
     }
 
-    /// Pins the path from the root to the page named `hash`.
+    /// Pins the path from the root to the page named `hash`. With
+    /// `whole_node`, to the end of the node holding it instead, without
+    /// splitting that node (a few pages past `hash` stay pinned too): for
+    /// short holds (a block being copied or read), where splitting per page
+    /// would cut prefixes into one-page nodes that no release joins again.
     pub(crate) fn pin_page(
         &mut self,
         hash: PageHash,
+        whole_node: bool,
         kind: PinKind,
         expires_ms: u64,
         policy: &dyn EvictionPolicy,
@@ -1329,28 +1334,10 @@ impl Tree {
     ) -> Result<(LeaseId, usize)> {
         let (n, off) = self.locate(hash).ok_or(IndexError::UnknownPage(hash))?;
         let node = &self.nodes[n as usize];
-        let partial = (off + 1 < node.pages()).then_some(off + 1);
-        let matched = node.depth_pages as usize + off + 1;
+        let pages = if whole_node { node.pages() } else { off + 1 };
+        let partial = (pages < node.pages()).then_some(pages);
+        let matched = node.depth_pages as usize + pages;
         self.pin_at(n, partial, matched, kind, expires_ms, policy, admit)
-    }
-
-    /// Pins the path from the root to the end of the node holding the page
-    /// `hash`, without splitting that node: a few pages past `hash` stay
-    /// pinned too. For short holds (a block being copied or read), where
-    /// splitting per page would cut prefixes into one-page nodes that no
-    /// release joins again.
-    pub(crate) fn pin_page_node(
-        &mut self,
-        hash: PageHash,
-        kind: PinKind,
-        expires_ms: u64,
-        policy: &dyn EvictionPolicy,
-        admit: impl FnOnce(u64) -> Result<()>,
-    ) -> Result<(LeaseId, usize)> {
-        let (n, _) = self.locate(hash).ok_or(IndexError::UnknownPage(hash))?;
-        let node = &self.nodes[n as usize];
-        let matched = node.depth_pages as usize + node.pages();
-        self.pin_at(n, None, matched, kind, expires_ms, policy, admit)
     }
 
     /// Pins the path to `target`, or to its first `partial` pages.
