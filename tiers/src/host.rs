@@ -65,7 +65,7 @@ use std::ptr::NonNull;
 use memmap2::{Advice, Mmap, MmapMut, MmapOptions};
 
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
-use crate::{BlockGeometry, BlockPool, Medium, Result, SlotId, TierError};
+use crate::{BlockCopy, BlockGeometry, BlockPool, BlockWrite, Medium, Result, SlotId, TierError};
 
 /// The first eight bytes of a shared-memory pool file.
 pub const SHM_MAGIC: [u8; 8] = *b"RDXKVHST";
@@ -814,6 +814,37 @@ impl BlockPool for HostPool {
     ) -> Result<()> {
         let block = self.block(slot)?;
         to.write(dest, &block, meta)
+    }
+
+    /// Lends every block in place at once, so the destination writes them
+    /// in as few transfers as it can.
+    fn copy_many_into(
+        &self,
+        copies: &[BlockCopy<'_>],
+        to: &dyn BlockPool,
+        _buf: &mut [u8],
+    ) -> Vec<Result<()>> {
+        let blocks: Vec<Result<BlockRef<'_>>> = copies.iter().map(|c| self.block(c.slot)).collect();
+        let writes: Vec<BlockWrite<'_>> = copies
+            .iter()
+            .zip(&blocks)
+            .filter_map(|(c, b)| {
+                let b = b.as_ref().ok()?;
+                Some(BlockWrite {
+                    slot: c.dest,
+                    data: b,
+                    meta: c.meta,
+                })
+            })
+            .collect();
+        let mut written = to.write_many(&writes).into_iter();
+        blocks
+            .into_iter()
+            .map(|b| match b {
+                Ok(_) => written.next().expect("write_many answers every write"),
+                Err(e) => Err(e),
+            })
+            .collect()
     }
 }
 

@@ -120,6 +120,26 @@ pub const MAX_BLOCK_BYTES: usize = 256 << 20;
 /// Largest metadata record (64 KiB).
 pub const MAX_META_BYTES: usize = 64 << 10;
 
+/// One block of a [`BlockPool::write_many`]: what
+/// [`write`](BlockPool::write) takes.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockWrite<'a> {
+    pub slot: SlotId,
+    pub data: &'a [u8],
+    pub meta: &'a [u8],
+}
+
+/// One block of a [`BlockPool::copy_many_into`]: what
+/// [`copy_into`](BlockPool::copy_into) takes.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockCopy<'a> {
+    /// The block to copy, in this pool.
+    pub slot: SlotId,
+    /// Where it goes, a slot of the destination from its `allocate`.
+    pub dest: SlotId,
+    pub meta: &'a [u8],
+}
+
 /// A pool of fixed-size block slots on one medium. Implementations are
 /// shared across threads; each slot is written by one caller at a time.
 pub trait BlockPool: Send + Sync + std::fmt::Debug {
@@ -181,6 +201,32 @@ pub trait BlockPool: Send + Sync + std::fmt::Debug {
         buf: &mut [u8],
     ) -> Result<()> {
         to.write_with(dest, meta, buf, &mut |out| self.read(slot, out))
+    }
+
+    /// [`write`](Self::write) of many blocks, one result per block in
+    /// order. A medium where one large transfer costs less than many small
+    /// ones (disk: one I/O, one completion interrupt) writes adjacent slots
+    /// together; the default writes them one by one.
+    fn write_many(&self, writes: &[BlockWrite<'_>]) -> Vec<Result<()>> {
+        writes
+            .iter()
+            .map(|w| self.write(w.slot, w.data, w.meta))
+            .collect()
+    }
+
+    /// [`copy_into`](Self::copy_into) of many blocks into `to`, one result
+    /// per block in order, so that a pool lending its bytes in place can
+    /// hand them to `to`'s [`write_many`](Self::write_many) together.
+    fn copy_many_into(
+        &self,
+        copies: &[BlockCopy<'_>],
+        to: &dyn BlockPool,
+        buf: &mut [u8],
+    ) -> Vec<Result<()>> {
+        copies
+            .iter()
+            .map(|c| self.copy_into(c.slot, to, c.dest, c.meta, buf))
+            .collect()
     }
 
     /// Lets this pool copy to and from the host tier's memory directly (a

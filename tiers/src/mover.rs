@@ -2,7 +2,7 @@
 //! prefetch never block the caller: each move hands back a [`Ticket`] that
 //! the caller polls or waits on while it does its own work.
 
-use crate::{BlockPool, Result, SlotId, TierError};
+use crate::{BlockCopy, BlockPool, Result, SlotId, TierError};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -126,28 +126,78 @@ impl Drop for Mover {
 fn worker(rx: Receiver<Job>, stats: Arc<MoverStats>) {
     let mut buf = Vec::new();
     for job in rx {
-        let results = job
+        let mut results = Vec::with_capacity(job.moves.len());
+        // Moves between the same two pools go together, so the destination
+        // can write adjacent slots in one transfer (see `copy_group`).
+        for group in job
             .moves
-            .iter()
-            .map(|m| {
-                let bytes = m.from.geometry().block_bytes;
-                buf.resize(bytes, 0);
-                let r = copy_one(m, &mut buf);
+            .chunk_by(|a, b| Arc::ptr_eq(&a.from, &b.from) && Arc::ptr_eq(&a.to, &b.to))
+        {
+            let bytes = group[0].from.geometry().block_bytes as u64;
+            for r in copy_group(group, &mut buf) {
                 match &r {
                     Ok(_) => {
                         stats.blocks_moved.fetch_add(1, Ordering::Relaxed);
-                        stats.bytes_moved.fetch_add(bytes as u64, Ordering::Relaxed);
+                        stats.bytes_moved.fetch_add(bytes, Ordering::Relaxed);
                     }
                     Err(_) => {
                         stats.failures.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                r
-            })
-            .collect();
+                results.push(r);
+            }
+        }
         // The caller may have dropped its ticket: nobody waits, that's fine.
         let _ = job.done.send(results);
     }
+}
+
+/// Copies moves that share their source and destination pools: allocates
+/// every destination slot first, then hands the whole batch to the
+/// source's [`copy_many_into`](BlockPool::copy_many_into). One result per
+/// move, in order; a failed move leaves nothing allocated.
+fn copy_group(group: &[Move], buf: &mut Vec<u8>) -> Vec<Result<SlotId>> {
+    let (from, to) = (&group[0].from, &group[0].to);
+    let bytes = from.geometry().block_bytes;
+    if bytes != to.geometry().block_bytes {
+        let expected = to.geometry().block_bytes;
+        return group
+            .iter()
+            .map(|_| {
+                Err(TierError::WrongLength {
+                    got: bytes,
+                    expected,
+                })
+            })
+            .collect();
+    }
+    buf.resize(bytes, 0);
+    let dests: Vec<Result<SlotId>> = group.iter().map(|_| to.allocate()).collect();
+    let copies: Vec<BlockCopy<'_>> = group
+        .iter()
+        .zip(&dests)
+        .filter_map(|(m, d)| {
+            Some(BlockCopy {
+                slot: m.slot,
+                dest: *d.as_ref().ok()?,
+                meta: &m.meta,
+            })
+        })
+        .collect();
+    let mut copied = from.copy_many_into(&copies, &**to, buf).into_iter();
+    dests
+        .into_iter()
+        .map(|d| {
+            let dest = d?;
+            match copied.next().expect("copy_many_into answers every copy") {
+                Ok(()) => Ok(dest),
+                Err(e) => {
+                    to.free(dest);
+                    Err(e)
+                }
+            }
+        })
+        .collect()
 }
 
 fn copy_one(m: &Move, buf: &mut [u8]) -> Result<SlotId> {

@@ -10,7 +10,7 @@ use tiers::disk::{
     parse_pool_header, DiskPool, DiskPoolConfig, OpenOutcome, RecoveredBlock, SLOT_HEADER_LEN,
 };
 use tiers::io::{AlignedBuf, Fault, FaultyIo, FileIo, IoOp, RealIo};
-use tiers::{BlockGeometry, BlockPool, Medium, SlotId, TierError};
+use tiers::{BlockGeometry, BlockPool, BlockWrite, Medium, SlotId, TierError};
 
 /// Deterministic bytes from a seed (xorshift).
 fn bytes(seed: u64, len: usize) -> Vec<u8> {
@@ -761,4 +761,239 @@ fn concurrent_writers_readers_and_frees() {
     drop(pool);
     let (_, rec) = open(dir.path(), g, 64);
     assert_eq!(rec.len() as u32, used);
+}
+
+// ---- batched writes -----------------------------------------------------------
+
+/// A block of `seed` in a buffer aligned for `O_DIRECT`, so a batched write
+/// can take it in place.
+fn aligned(seed: u64, len: usize) -> AlignedBuf {
+    let mut a = AlignedBuf::zeroed(len);
+    a.copy_from_slice(&bytes(seed, len));
+    a
+}
+
+#[test]
+fn write_many_puts_adjacent_slots_in_one_io_and_reads_back_exact() {
+    for inner in [RealIo::new(), RealIo::buffered()] {
+        let dir = tempfile::tempdir().unwrap();
+        let g = geometry(16 << 10);
+        let (pool, _) = open_with(dir.path(), g, 64, inner.shared());
+        let slots: Vec<SlotId> = (0..40).map(|_| pool.allocate().unwrap()).collect();
+        let blocks: Vec<AlignedBuf> = (0..40).map(|i| aligned(i, g.block_bytes)).collect();
+        let metas: Vec<[u8; 8]> = (0..40u64).map(|i| i.to_le_bytes()).collect();
+        // Handed over in reverse: the pool sorts by slot to find the run.
+        let writes: Vec<BlockWrite<'_>> = (0..40)
+            .rev()
+            .map(|i| BlockWrite {
+                slot: slots[i],
+                data: &blocks[i],
+                meta: &metas[i],
+            })
+            .collect();
+        let before = pool.stats();
+        let results = pool.write_many(&writes);
+        let after = pool.stats();
+        assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+        assert_eq!(after.writes - before.writes, 40);
+        assert_eq!(after.write_ios - before.write_ios, 1, "one run, one I/O");
+        for (i, &s) in slots.iter().enumerate() {
+            assert_eq!(read_vec(&pool, s).unwrap(), bytes(i as u64, g.block_bytes));
+        }
+        drop(pool);
+        let (pool, rec) = open(dir.path(), g, 64);
+        assert_eq!(rec.len(), 40);
+        for r in rec {
+            let seed = u64::from_le_bytes(r.meta.try_into().unwrap());
+            assert_eq!(r.slot, slots[seed as usize]);
+            assert_eq!(read_vec(&pool, r.slot).unwrap(), bytes(seed, g.block_bytes));
+        }
+    }
+}
+
+#[test]
+fn write_many_answers_each_block_and_splits_runs_where_it_must() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = geometry(16 << 10);
+    let (pool, _) = open(dir.path(), g, 32);
+    let slots: Vec<SlotId> = (0..12).map(|_| pool.allocate().unwrap()).collect();
+    let mut sorted = slots.clone();
+    sorted.sort();
+    let blocks: Vec<AlignedBuf> = (0..12).map(|i| aligned(i, g.block_bytes)).collect();
+    let short = vec![0u8; 100];
+    let written = store(&pool, 99);
+    let mut writes: Vec<BlockWrite<'_>> = Vec::new();
+    // Slots 0..5 and 7..12 of the sorted allocation (a gap at 5 and 6),
+    // plus bad calls among them.
+    for (k, &s) in sorted.iter().enumerate() {
+        if k == 5 || k == 6 {
+            continue;
+        }
+        writes.push(BlockWrite {
+            slot: s,
+            data: &blocks[k],
+            meta: b"m",
+        });
+    }
+    writes.insert(
+        3,
+        BlockWrite {
+            slot: written,
+            data: &blocks[0],
+            meta: b"x",
+        },
+    );
+    writes.insert(
+        6,
+        BlockWrite {
+            slot: SlotId(1000),
+            data: &blocks[0],
+            meta: b"x",
+        },
+    );
+    writes.insert(
+        8,
+        BlockWrite {
+            slot: sorted[5],
+            data: &short,
+            meta: b"x",
+        },
+    );
+    // The same slot twice: the second is refused, the first stands.
+    writes.push(BlockWrite {
+        slot: sorted[0],
+        data: &blocks[1],
+        meta: b"x",
+    });
+    let before = pool.stats();
+    let results = pool.write_many(&writes);
+    assert_eq!(results.len(), writes.len());
+    assert!(
+        matches!(results[3], Err(TierError::Empty(_))),
+        "{:?}",
+        results[3]
+    );
+    assert!(
+        matches!(results[6], Err(TierError::NoSuchSlot { .. })),
+        "{:?}",
+        results[6]
+    );
+    assert!(
+        matches!(results[8], Err(TierError::WrongLength { .. })),
+        "{:?}",
+        results[8]
+    );
+    assert!(matches!(results.last().unwrap(), Err(TierError::Empty(_))));
+    let oks = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(oks, 10);
+    let stats = pool.stats();
+    assert_eq!(stats.writes - before.writes, 10);
+    // The aligned blocks go in place: two runs, two I/Os.
+    assert_eq!(stats.write_ios - before.write_ios, 2);
+    for (k, &s) in sorted.iter().enumerate() {
+        match k {
+            5 => assert!(matches!(read_vec(&pool, s), Err(TierError::Empty(_)))),
+            6 => assert!(matches!(read_vec(&pool, s), Err(TierError::Empty(_)))),
+            _ => assert_eq!(read_vec(&pool, s).unwrap(), bytes(k as u64, g.block_bytes)),
+        }
+    }
+    assert_eq!(read_vec(&pool, written).unwrap(), bytes(99, g.block_bytes));
+    // Unaligned buffers under O_DIRECT go one by one, still exact.
+    if pool.is_direct() {
+        let s1 = sorted[5];
+        let s2 = sorted[6];
+        let (b1, b2) = (bytes(5, g.block_bytes), bytes(6, g.block_bytes));
+        let before = pool.stats();
+        let r = pool.write_many(&[
+            BlockWrite {
+                slot: s1,
+                data: &b1[..],
+                meta: b"u",
+            },
+            BlockWrite {
+                slot: s2,
+                data: &b2[..],
+                meta: b"u",
+            },
+        ]);
+        assert!(r.iter().all(|r| r.is_ok()));
+        let ios = pool.stats().write_ios - before.write_ios;
+        let in_place = b1.as_ptr() as usize % 4096 == 0 && b2.as_ptr() as usize % 4096 == 0;
+        assert_eq!(ios, if in_place { 1 } else { 2 });
+        assert_eq!(read_vec(&pool, s1).unwrap(), b1);
+        assert_eq!(read_vec(&pool, s2).unwrap(), b2);
+    }
+}
+
+#[test]
+fn a_failed_batched_write_fails_its_run_and_nothing_else() {
+    for fault in [Fault::Torn(4096), Fault::NoSpace, Fault::Short(8192)] {
+        let dir = tempfile::tempdir().unwrap();
+        let g = geometry(16 << 10);
+        let faulty = FaultyIo::new(RealIo::new().shared());
+        let (pool, _) = open_with(dir.path(), g, 32, faulty.shared());
+        let mut slots: Vec<SlotId> = (0..10).map(|_| pool.allocate().unwrap()).collect();
+        slots.sort();
+        let blocks: Vec<AlignedBuf> = (0..10).map(|i| aligned(i, g.block_bytes)).collect();
+        let metas: Vec<[u8; 8]> = (0..10u64).map(|i| i.to_le_bytes()).collect();
+        // Two runs: slots 0..4 and 5..9 with slot 4 left out.
+        let writes: Vec<BlockWrite<'_>> = (0..10)
+            .filter(|&i| i != 4)
+            .map(|i| BlockWrite {
+                slot: slots[i],
+                data: &blocks[i],
+                meta: &metas[i],
+            })
+            .collect();
+        // The first data-file write (the lower run) fails; a short write
+        // is finished by the write loop, then ENOSPC ends it.
+        let mut n = 0;
+        faulty.set_plan(move |c| {
+            if c.op == IoOp::Write && c.file_ends_with(".dat") {
+                n += 1;
+                if n == 1 {
+                    return fault;
+                }
+                if n == 2 && matches!(fault, Fault::Short(_)) {
+                    return Fault::NoSpace;
+                }
+            }
+            Fault::None
+        });
+        let errs = pool.io_errors();
+        let results = pool.write_many(&writes);
+        faulty.clear_plan();
+        assert!(faulty.injected() > 0);
+        for (r, i) in results.iter().zip((0..10).filter(|&i| i != 4)) {
+            if i < 4 {
+                assert!(matches!(r, Err(TierError::Io(_))), "{fault:?} {i}: {r:?}");
+                assert!(matches!(
+                    read_vec(&pool, slots[i]),
+                    Err(TierError::Empty(_))
+                ));
+            } else {
+                assert!(r.is_ok(), "{fault:?} {i}: {r:?}");
+                assert_eq!(
+                    read_vec(&pool, slots[i]).unwrap(),
+                    bytes(i as u64, g.block_bytes)
+                );
+            }
+        }
+        assert_eq!(pool.io_errors(), errs + 1, "one failed I/O");
+        // A failed slot may be written again.
+        pool.write(slots[0], &blocks[0], &metas[0]).unwrap();
+        drop(pool);
+        // After a restart: the second run and the retried block, nothing torn.
+        let (pool, rec) = open(dir.path(), g, 32);
+        let mut seeds: Vec<u64> = rec
+            .iter()
+            .map(|r| u64::from_le_bytes(r.meta.clone().try_into().unwrap()))
+            .collect();
+        seeds.sort();
+        assert_eq!(seeds, vec![0, 5, 6, 7, 8, 9], "{fault:?}");
+        for r in rec {
+            let seed = u64::from_le_bytes(r.meta.try_into().unwrap());
+            assert_eq!(read_vec(&pool, r.slot).unwrap(), bytes(seed, g.block_bytes));
+        }
+    }
 }

@@ -194,3 +194,87 @@ fn a_failed_write_leaves_nothing_allocated() {
     });
     assert!(matches!(r, Err(TierError::Empty(_))));
 }
+
+#[test]
+fn a_batch_from_host_to_disk_goes_in_few_large_writes_and_mixed_pools_keep_their_order() {
+    use tiers::disk::{DiskPool, DiskPoolConfig};
+    use tiers::host::{HostPool, HostPoolConfig};
+    let g = BlockGeometry::new(16 << 10, 64, 3).unwrap();
+    let host = Arc::new(
+        HostPool::new(
+            HostPoolConfig::builder(g)
+                .capacity_bytes(64 * g.block_bytes)
+                .build()
+                .unwrap(),
+        )
+        .unwrap(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let disk = Arc::new(
+        DiskPool::open(
+            DiskPoolConfig::builder(dir.path(), g)
+                .capacity_bytes(64 << 20)
+                .build()
+                .unwrap(),
+        )
+        .unwrap()
+        .0,
+    );
+    let other: Arc<dyn BlockPool> = Arc::new(TestPool::new(Medium::Disk, 8));
+    let small: Arc<dyn BlockPool> = Arc::new(TestPool::new(Medium::Host, 8));
+    let data = |i: usize| -> Vec<u8> { (0..g.block_bytes).map(|b| (b / 64 + i) as u8).collect() };
+    let mut moves = Vec::new();
+    for i in 0..32 {
+        let s = host.allocate().unwrap();
+        host.write(s, &data(i), &[]).unwrap();
+        moves.push(Move {
+            from: host.clone(),
+            slot: s,
+            to: disk.clone(),
+            meta: vec![i as u8],
+        });
+    }
+    // A move between other pools in the middle, with its own block size:
+    // it fails on its own and splits the batch in two groups.
+    let s = small.allocate().unwrap();
+    small.write(s, &block(7), &[]).unwrap();
+    moves.insert(
+        16,
+        Move {
+            from: small.clone(),
+            slot: s,
+            to: other.clone(),
+            meta: vec![],
+        },
+    );
+    moves.insert(
+        17,
+        Move {
+            from: host.clone(),
+            slot: moves[0].slot,
+            to: other.clone(),
+            meta: vec![],
+        },
+    );
+    let before = disk.stats();
+    let results = Mover::new(1).submit(moves).wait();
+    assert_eq!(results.len(), 34);
+    assert!(results[16].is_ok(), "{:?}", results[16]);
+    assert!(matches!(results[17], Err(TierError::WrongLength { .. })));
+    let stats = disk.stats();
+    assert_eq!(stats.writes - before.writes, 32);
+    assert!(
+        stats.write_ios - before.write_ios <= 2,
+        "32 adjacent blocks in {} writes",
+        stats.write_ios - before.write_ios
+    );
+    let to_disk = results
+        .iter()
+        .enumerate()
+        .filter(|&(k, _)| k != 16 && k != 17);
+    for (i, (_, r)) in to_disk.enumerate() {
+        let mut out = vec![0u8; g.block_bytes];
+        disk.read(*r.as_ref().unwrap(), &mut out).unwrap();
+        assert_eq!(out, data(i), "block {i}");
+    }
+}
