@@ -79,6 +79,33 @@ fn greedy_output_follows_llama_cpp() {
     );
 }
 
+/// The greedy run against candle-transformers' `quantized_llama` over the
+/// same GGUF dequantized to F32 (an F32 forward written apart from this
+/// crate: `scripts/candle-oracle` wrote `data/engine/candle_f32_greedy.json`):
+/// all 40 tokens agree. Both part from llama.cpp's reference at token 9.
+#[test]
+fn greedy_output_equals_an_independent_f32_forward_token_for_token() {
+    let Some(engine) = common::engine() else {
+        return;
+    };
+    let v = common::vectors();
+    let prompt = common::ids(&v["generate"]["prompt_ids"]);
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../data/engine/candle_f32_greedy.json"
+    );
+    let oracle: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("the oracle's file"))
+            .expect("json");
+    let expected = common::ids(&oracle["greedy_ids"]);
+    assert_eq!(expected.len(), 40);
+    let mut options = GenerateOptions::new(expected.len());
+    options.use_cache = false;
+    options.stop_at_eos = false;
+    let out = engine.generate(&prompt, &options).unwrap();
+    assert_eq!(out.tokens, expected);
+}
+
 /// Teacher-forced: after the prompt and llama.cpp's first `k` tokens, its
 /// next token is our best one, or within a quantization-noise margin of it.
 #[test]
