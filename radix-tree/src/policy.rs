@@ -137,6 +137,23 @@ pub trait EvictionPolicy: Send + Sync + fmt::Debug {
     /// Called for each evicted page, with its node's rank at eviction and
     /// the index's logical time.
     fn on_evict(&self, _stats: &NodeStats, _node: &NodeInfo, _key: u64, _tick: u64) {}
+
+    /// [`on_evict`](Self::on_evict) for each of `pages` pages of one node
+    /// evicted together. The tree calls this once per run it evicts, so a
+    /// policy that ignores evictions costs one dynamic call per run rather
+    /// than one per page; override only to do the same work faster.
+    fn on_evict_pages(
+        &self,
+        stats: &NodeStats,
+        node: &NodeInfo,
+        key: u64,
+        tick: u64,
+        pages: usize,
+    ) {
+        for _ in 0..pages {
+            self.on_evict(stats, node, key, tick);
+        }
+    }
 }
 
 fn clamp(key: u64) -> u64 {

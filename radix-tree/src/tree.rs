@@ -21,6 +21,7 @@ use crate::{BlockId, LeaseId, NamespaceId, PageLocation, PinKind, Tier, TIERS};
 use std::collections::{BTreeSet, HashMap};
 
 pub(crate) const ROOT: u32 = 0;
+
 const NOT_IN_SET: u64 = u64::MAX;
 /// Freed nodes keep page buffers up to this many pages for reuse.
 const RECYCLED_PAGES: usize = 64;
@@ -1172,7 +1173,12 @@ impl Tree {
         if node.pinned() {
             self.pinned_pages -= removed as u64;
         }
-        trim(node);
+        // An emptied node is freed next, and `free_node` keeps its buffers
+        // for the next node to take the slot: trimming here would free them
+        // first, and the next insert would allocate (and fault in) new ones.
+        if off > 0 {
+            trim(node);
+        }
     }
 
     /// Frees an emptied node; its soft pins move to `survivor`, which
@@ -1185,7 +1191,13 @@ impl Tree {
                 self.sets[t].remove(&(key, n));
             }
         }
-        if let Some(pins) = self.soft_targets.remove(&n) {
+        // Most freed nodes carry no soft pin: skip hashing into an empty map.
+        let pins = if self.soft_targets.is_empty() {
+            None
+        } else {
+            self.soft_targets.remove(&n)
+        };
+        if let Some(pins) = pins {
             for seq in &pins {
                 if let Some(rec) = self.leases.get_mut(seq) {
                     rec.target = survivor;
@@ -1247,10 +1259,13 @@ impl Tree {
                 }
             }
             let info = self.info(n);
-            for _ in 0..run.max(1) {
-                ctx.policy
-                    .on_evict(&self.nodes[n as usize].stats, &info, key, ctx.tick);
-            }
+            ctx.policy.on_evict_pages(
+                &self.nodes[n as usize].stats,
+                &info,
+                key,
+                ctx.tick,
+                run.max(1),
+            );
             if run > 0 {
                 self.remove_from(n, len - run, ctx, out);
                 done += run;
