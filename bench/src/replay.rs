@@ -97,6 +97,8 @@ pub fn replay(
     let max_len = prep.tokens.iter().map(Vec::len).max().unwrap_or(0);
     let blocks = vec![BlockId(0); max_len];
     let mut m = Match::default();
+    // Evicted pages land in one buffer, reused request after request.
+    let mut evicted_pages = Vec::new();
     let mut hit_blocks = 0u64;
     let mut total_blocks = 0u64;
     let mut evicted = 0u64;
@@ -123,10 +125,17 @@ pub fn replay(
             if held > cap {
                 // The running request's pages are never the ones evicted.
                 let last = stored.last_page.expect("the request has whole pages");
-                evicted += index
-                    .evict_protecting(ns, last, Tier::Host, (held - cap) as usize)
-                    .expect("the request was just inserted")
-                    .len() as u64;
+                evicted_pages.clear();
+                index
+                    .evict_protecting_into(
+                        ns,
+                        last,
+                        Tier::Host,
+                        (held - cap) as usize,
+                        &mut evicted_pages,
+                    )
+                    .expect("the request was just inserted");
+                evicted += evicted_pages.len() as u64;
             }
         }
     }

@@ -87,14 +87,39 @@ fn read_lock(lock: &RwLock<Tree>) -> RwLockReadGuard<'_, Tree> {
 /// from `parent`: computed before an insert takes its lock, so that the
 /// lock covers only the tree's changes.
 fn chain_hashes(parent: PageHash, tokens: &[u32], page_size: usize) -> Vec<PageHash> {
+    let mut out = vec![PageHash(0); tokens.len() / page_size];
+    fill_chain_hashes(parent, tokens, page_size, &mut out);
+    out
+}
+
+fn fill_chain_hashes(parent: PageHash, tokens: &[u32], page_size: usize, out: &mut [PageHash]) {
     let mut prev = parent;
-    tokens
-        .chunks_exact(page_size)
-        .map(|page| {
-            prev = prev.chain(page);
-            prev
-        })
-        .collect()
+    for (page, slot) in tokens.chunks_exact(page_size).zip(out) {
+        prev = prev.chain(page);
+        *slot = prev;
+    }
+}
+
+/// Inserts of up to this many pages keep their hashes on the stack (most
+/// stores are the few pages after a hit); longer ones use the heap.
+const STACK_HASHES: usize = 64;
+
+/// Calls `f` with [`chain_hashes`], without a heap allocation for a short
+/// insert: the allocator is a visible share of a store's cost.
+fn with_chain_hashes<R>(
+    parent: PageHash,
+    tokens: &[u32],
+    page_size: usize,
+    f: impl FnOnce(&[PageHash]) -> R,
+) -> R {
+    let pages = tokens.len() / page_size;
+    if pages <= STACK_HASHES {
+        let mut buf = [PageHash(0); STACK_HASHES];
+        fill_chain_hashes(parent, tokens, page_size, &mut buf[..pages]);
+        f(&buf[..pages])
+    } else {
+        f(&chain_hashes(parent, tokens, page_size))
+    }
 }
 
 /// Index-wide settings. Build with [`IndexConfig::builder`].
@@ -513,9 +538,10 @@ impl RadixIndex {
     ) -> Result<InsertOutcome> {
         let entry = self.entry(ns)?;
         self.check_insert(entry, tokens, blocks)?;
-        let hashes = chain_hashes(entry.seed, tokens, entry.page_size);
-        let out = self.write_op(entry, |tree, ctx| {
-            tree.insert(tokens, &hashes, tier, blocks, priority, ctx)
+        let out = with_chain_hashes(entry.seed, tokens, entry.page_size, |hashes| {
+            self.write_op(entry, |tree, ctx| {
+                tree.insert(tokens, hashes, tier, blocks, priority, ctx)
+            })
         });
         self.counters
             .inserted_pages
@@ -538,9 +564,11 @@ impl RadixIndex {
     ) -> Result<InsertOutcome> {
         let entry = self.entry(ns)?;
         self.check_insert(entry, tokens, blocks)?;
-        let hashes = chain_hashes(parent.unwrap_or(entry.seed), tokens, entry.page_size);
-        let out = self.write_op(entry, |tree, ctx| {
-            tree.insert_after(parent, tokens, &hashes, tier, blocks, 0, ctx)
+        let seed = parent.unwrap_or(entry.seed);
+        let out = with_chain_hashes(seed, tokens, entry.page_size, |hashes| {
+            self.write_op(entry, |tree, ctx| {
+                tree.insert_after(parent, tokens, hashes, tier, blocks, 0, ctx)
+            })
         })?;
         self.counters
             .inserted_pages
@@ -806,13 +834,29 @@ impl RadixIndex {
         tier: Tier,
         pages: usize,
     ) -> Result<Vec<EvictedPage>> {
-        let entry = self.entry(ns)?;
         let mut out = Vec::with_capacity(pages.min(1 << 16));
+        self.evict_protecting_into(ns, protect, tier, pages, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`evict_protecting`](Self::evict_protecting) that appends to a
+    /// caller's buffer, so a caller that stores and evicts request after
+    /// request allocates no list per request once the buffer has grown.
+    /// Returns how many copies it dropped from `tier`.
+    pub fn evict_protecting_into(
+        &self,
+        ns: NamespaceId,
+        protect: PageHash,
+        tier: Tier,
+        pages: usize,
+        out: &mut Vec<EvictedPage>,
+    ) -> Result<usize> {
+        let entry = self.entry(ns)?;
         let done = self.write_op(entry, |tree, ctx| {
-            tree.evict_protecting(protect, tier, pages, ctx, &mut out)
+            tree.evict_protecting(protect, tier, pages, ctx, out)
         })?;
         self.counters.evicted_copies[tier.index()].fetch_add(done as u64, Ordering::Relaxed);
-        Ok(out)
+        Ok(done)
     }
 
     /// Pins the longest cached prefix of `tokens` for `ttl`.
