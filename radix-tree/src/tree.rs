@@ -1140,6 +1140,19 @@ impl Tree {
         let ps = self.page_size;
         let node = &mut self.nodes[n as usize];
         let removed = node.pages() - off;
+        // The map's entries for evicted pages are rarely in cache (the pages
+        // are old): remove them in a loop of their own, short enough for the
+        // CPU to overlap the misses of consecutive removals.
+        for slot in &node.slots[off..] {
+            let short = slot.hash().short();
+            if let Some(owner) = self.by_hash.remove(&short) {
+                if owner != n {
+                    // Another page with the same short hash owns the entry.
+                    self.by_hash.insert(short, owner);
+                }
+            }
+        }
+        out.reserve(removed);
         for i in off..node.pages() {
             let hash = node.slots[i].hash();
             let loc = node.slots[i].loc;
@@ -1152,12 +1165,6 @@ impl Tree {
                         hash,
                         tier,
                     });
-                }
-            }
-            if let Some(owner) = self.by_hash.remove(&hash.short()) {
-                if owner != n {
-                    // Another page with the same short hash owns the entry.
-                    self.by_hash.insert(hash.short(), owner);
                 }
             }
             out.push(EvictedPage {
