@@ -951,11 +951,14 @@ impl Tree {
         let parent_before = self.presence(parent);
         let mut node = Node::new(parent, depth, ctx.tick);
         node.priority = priority;
-        // Reuse the buffers of the node slot this one will take, if any.
+        // Reuse the buffers of the node slot this one will take, if any and
+        // if they fit: growing one would copy its old contents for nothing.
         if let Some(&free) = self.free.last() {
             let old = &mut self.nodes[free as usize];
-            node.tokens = std::mem::take(&mut old.tokens);
-            node.slots = std::mem::take(&mut old.slots);
+            if old.slots.capacity() >= pages && old.tokens.capacity() >= tokens.len() {
+                node.tokens = std::mem::take(&mut old.tokens);
+                node.slots = std::mem::take(&mut old.slots);
+            }
         }
         node.tokens.extend_from_slice(tokens);
         node.slots.reserve_exact(pages);
