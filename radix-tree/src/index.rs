@@ -851,9 +851,37 @@ impl RadixIndex {
         pages: usize,
         out: &mut Vec<EvictedPage>,
     ) -> Result<usize> {
+        self.evict_protecting_impl(ns, protect, tier, pages, false, out)
+    }
+
+    /// [`evict_protecting`](Self::evict_protecting) the general way, with a
+    /// pin on the protected path for the call, even where skipping the
+    /// protected node is enough: for tests that check the two agree.
+    #[cfg(any(test, feature = "test-utils"))]
+    pub fn evict_protecting_by_pin(
+        &self,
+        ns: NamespaceId,
+        protect: PageHash,
+        tier: Tier,
+        pages: usize,
+    ) -> Result<Vec<EvictedPage>> {
+        let mut out = Vec::new();
+        self.evict_protecting_impl(ns, protect, tier, pages, true, &mut out)?;
+        Ok(out)
+    }
+
+    fn evict_protecting_impl(
+        &self,
+        ns: NamespaceId,
+        protect: PageHash,
+        tier: Tier,
+        pages: usize,
+        by_pin: bool,
+        out: &mut Vec<EvictedPage>,
+    ) -> Result<usize> {
         let entry = self.entry(ns)?;
         let done = self.write_op(entry, |tree, ctx| {
-            tree.evict_protecting(protect, tier, pages, ctx, out)
+            tree.evict_protecting(protect, tier, pages, by_pin, ctx, out)
         })?;
         self.counters.evicted_copies[tier.index()].fetch_add(done as u64, Ordering::Relaxed);
         Ok(done)

@@ -601,14 +601,23 @@ impl Tree {
 
     /// The lowest-ranked node of tier `t`'s set, re-ranking stale entries
     /// (nodes accessed since they were ranked) on the way.
-    fn min_victim(&mut self, t: usize, policy: &dyn EvictionPolicy) -> Option<(u64, u32)> {
+    /// `skip` names a node that is never chosen (see `evict_protecting`).
+    fn min_victim(
+        &mut self,
+        t: usize,
+        policy: &dyn EvictionPolicy,
+        skip: Option<u32>,
+    ) -> Option<(u64, u32)> {
         loop {
-            let &(key, n) = self.sets[t].first()?;
+            let &(key, n) = match skip {
+                None => self.sets[t].first()?,
+                Some(s) => self.sets[t].iter().find(|&&(_, n)| n != s)?,
+            };
             let current = self.full_key(n, policy);
             if current <= key {
                 return Some((key, n));
             }
-            self.sets[t].pop_first();
+            self.sets[t].remove(&(key, n));
             self.sets[t].insert((current, n));
             self.nodes[n as usize].set_key[t] = current;
         }
@@ -1247,10 +1256,23 @@ impl Tree {
         ctx: &mut OpCtx<'_>,
         out: &mut Vec<EvictedPage>,
     ) -> usize {
+        self.evict_skipping(tier, pages, stop_above, None, ctx, out)
+    }
+
+    /// [`evict`](Self::evict), never choosing the node `skip`.
+    fn evict_skipping(
+        &mut self,
+        tier: Tier,
+        pages: usize,
+        stop_above: u64,
+        skip: Option<u32>,
+        ctx: &mut OpCtx<'_>,
+        out: &mut Vec<EvictedPage>,
+    ) -> usize {
         let t = tier.index();
         let mut done = 0;
         while done < pages {
-            let Some((key, n)) = self.min_victim(t, ctx.policy) else {
+            let Some((key, n)) = self.min_victim(t, ctx.policy, skip) else {
                 break;
             };
             if key > stop_above {
@@ -1299,17 +1321,27 @@ impl Tree {
 
     /// [`evict`](Self::evict), never taking a page of the path that leads
     /// to `protect` (held only for this call: no lease is recorded).
+    /// `by_pin` forces the general path (tests compare the two).
     pub(crate) fn evict_protecting(
         &mut self,
         protect: PageHash,
         tier: Tier,
         pages: usize,
+        by_pin: bool,
         ctx: &mut OpCtx<'_>,
         out: &mut Vec<EvictedPage>,
     ) -> Result<usize> {
         let (n, _) = self
             .locate(protect)
             .ok_or(IndexError::UnknownPage(protect))?;
+        if !by_pin && self.nodes[n as usize].tier_pages[tier.index()] > 0 {
+            // `n` holds a copy on `tier`. Never chosen, it keeps it, so
+            // every node above it keeps a child with a copy there and stays
+            // out of the set: skipping `n` protects the whole path. A pin
+            // would walk to the root and re-rank `n` out of the set and back
+            // in, on every store that evicts.
+            return Ok(self.evict_skipping(tier, pages, u64::MAX, Some(n), ctx, out));
+        }
         self.apply_pin(n, PinKind::Lease, 1, ctx.policy);
         let done = self.evict(tier, pages, u64::MAX, ctx, out);
         self.apply_pin(n, PinKind::Lease, -1, ctx.policy);

@@ -197,3 +197,86 @@ fn evict_protecting_never_takes_the_protected_path() {
     );
     idx.check_invariants();
 }
+
+/// `evict_protecting` evicts exactly what it does with a pin on the
+/// protected path for the call (as a hard lease on the page's node, an
+/// eviction and a release would): same pages, same order, same tree
+/// afterwards. Prompts share prefixes of random lengths, so the
+/// protected page sits in leaves and in inner nodes, and on a tier that
+/// the eviction does or does not take from.
+#[test]
+fn evict_protecting_evicts_what_a_pin_on_the_path_would() {
+    let mut rng = 0x5eed_u64;
+    let mut next = |below: u64| {
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (rng >> 33) % below
+    };
+    for policy in radix_tree::policy::POLICY_NAMES {
+        let new_index = || {
+            let config = radix_tree::IndexConfig::builder()
+                .policy(radix_tree::policy::by_name(policy).unwrap())
+                .build()
+                .unwrap();
+            let idx = RadixIndex::new(config);
+            let ns = idx
+                .create_namespace(
+                    &NamespaceKey::new("t", "m", "l", ""),
+                    NamespaceConfig::new(1).unwrap(),
+                )
+                .unwrap();
+            (idx, ns)
+        };
+        let (a, ns_a) = new_index();
+        let (b, ns_b) = new_index();
+        let bases: Vec<Vec<u32>> = (0..8)
+            .map(|i| (0..40).map(|j| i * 1000 + j).collect())
+            .collect();
+        for round in 0..400u32 {
+            let base = &bases[next(8) as usize];
+            let mut prompt = base[..next(40) as usize + 1].to_vec();
+            prompt.extend((0..next(12) as u32).map(|j| 100_000 + round * 100 + j));
+            let tier = if next(4) == 0 {
+                Tier::Device
+            } else {
+                Tier::Host
+            };
+            let blocks = blocks(prompt.len(), round * 100);
+            for (idx, ns) in [(&a, ns_a), (&b, ns_b)] {
+                idx.match_prefix(ns, &prompt).unwrap();
+                // A copy on this tier may already be there: that is fine.
+                let _ = idx.insert(ns, &prompt, tier, &blocks);
+            }
+            let hashes = a.page_hashes(ns_a, &prompt).unwrap();
+            let protect = hashes[next(hashes.len() as u64) as usize];
+            let evict_tier = if next(3) == 0 {
+                Tier::Device
+            } else {
+                Tier::Host
+            };
+            let held = a.tier_pages(evict_tier);
+            if held <= 60 {
+                continue;
+            }
+            let want = (held - 60) as usize;
+            let got_a = a.evict_protecting(ns_a, protect, evict_tier, want).unwrap();
+            let got_b = b
+                .evict_protecting_by_pin(ns_b, protect, evict_tier, want)
+                .unwrap();
+            assert_eq!(got_a, got_b, "{policy}, round {round}");
+            a.check_invariants();
+            b.check_invariants();
+        }
+        let (sa, sb) = (a.stats(), b.stats());
+        assert_eq!(
+            (sa.pages, sa.tier_pages, sa.nodes, sa.evicted_copies),
+            (sb.pages, sb.tier_pages, sb.nodes, sb.evicted_copies),
+            "{policy}"
+        );
+        assert!(
+            sa.evicted_copies.iter().sum::<u64>() > 0,
+            "{policy} never evicted"
+        );
+    }
+}
