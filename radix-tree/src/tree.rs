@@ -21,7 +21,6 @@ use crate::{BlockId, LeaseId, NamespaceId, PageLocation, PinKind, Tier, TIERS};
 use std::collections::{BTreeSet, HashMap};
 
 pub(crate) const ROOT: u32 = 0;
-
 const NOT_IN_SET: u64 = u64::MAX;
 /// Freed nodes keep page buffers up to this many pages for reuse.
 const RECYCLED_PAGES: usize = 64;
@@ -1194,7 +1193,7 @@ impl Tree {
         }
         // An emptied node is freed next, and `free_node` keeps its buffers
         // for the next node to take the slot: trimming here would free them
-        // first, and the next insert would allocate (and fault in) new ones.
+        // first, and the next insert would allocate new, cold ones.
         if off > 0 {
             trim(node);
         }
