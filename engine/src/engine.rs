@@ -33,6 +33,7 @@ pub struct EngineConfig {
     store: Option<StoreChoice>,
     lease_ttl: Duration,
     prefill_chunk: usize,
+    f32_weights: bool,
 }
 
 impl EngineConfig {
@@ -46,6 +47,7 @@ impl EngineConfig {
             store: None,
             lease_ttl: Duration::from_secs(600),
             prefill_chunk: 512,
+            f32_weights: false,
         })
     }
 }
@@ -116,6 +118,16 @@ impl EngineConfigBuilder {
     /// Most prompt tokens one sequence runs in one step.
     pub fn prefill_chunk(mut self, n: usize) -> Self {
         self.0.prefill_chunk = n;
+        self
+    }
+
+    /// Dequantize the weights to F32 at load and run exact F32 arithmetic:
+    /// the forward of the dequantized weights (what a float reference
+    /// computes), at four times the memory and a fraction of the speed.
+    /// By default quantized weights stay quantized and multiply 8-bit
+    /// activations, as llama.cpp does (see `matmul`).
+    pub fn f32_weights(mut self, yes: bool) -> Self {
+        self.0.f32_weights = yes;
         self
     }
 
@@ -352,7 +364,7 @@ impl Engine {
     /// Loads the model (packing its weights) and opens the embedded
     /// cache, or checks the given one.
     pub fn load(config: EngineConfig) -> Result<Engine> {
-        let (model, tokenizer) = Model::load(&config.model_path)?;
+        let (model, tokenizer) = Model::load(&config.model_path, config.f32_weights)?;
         let layout = KvLayout::new(model.config(), config.page_size);
         let (store, cache): (Arc<dyn KvStore>, _) = match &config.store {
             Some(StoreChoice::Embedded(cache)) => {

@@ -4,9 +4,8 @@
 //!
 //! # Batch invariance
 //!
-//! Every output element `Y[i][j]` is one chain of fused multiply-adds over
-//! `k`, in order, starting from zero — the same chain whatever `m` is,
-//! whichever rows share a tile, which kernel path runs, and whichever
+//! Every output element `Y[i][j]` is computed the same way whatever `m`
+//! is, whichever rows share a tile, which kernel path runs, and whichever
 //! thread runs it. So a token's hidden state does not depend on what else
 //! is in the batch: a prompt computed in one prefill, in chunks, or token
 //! by token in decode gives bit-identical KV and logits. That is what lets
@@ -15,32 +14,32 @@
 //! kernels (gemm included) pick different code paths and blockings by `m`
 //! and lose this.
 //!
-//! # Kernel
+//! # F32 weights
 //!
-//! `W` is packed in panels of [`PANEL`] output columns. A tile of up to
-//! [`ROWS`] rows of `X` (transposed to `k × rows`) meets one panel in an
-//! outer-product loop: for each `k`, broadcast one `X` value per row and
-//! FMA it with the panel's 16-wide row into `rows × 16` accumulators (12
-//! AVX2 registers at 6 rows), `k` in blocks that keep a panel's block in
-//! L1 (a sum paused between blocks continues the same chain). Threads split
-//! the panels; each writes its own panel-major output, transposed into `Y`
-//! at the end.
+//! With F32 weights each element is one chain of fused multiply-adds over
+//! `k`, in order, starting from zero. `W` is packed in panels of [`PANEL`]
+//! output columns. A tile of up to [`ROWS`] rows of `X` (transposed to `k
+//! × rows`) meets one panel in an outer-product loop: for each `k`,
+//! broadcast one `X` value per row and FMA it with the panel's 16-wide row
+//! into `rows × 16` accumulators (12 AVX2 registers at 6 rows), `k` in
+//! blocks that keep a panel's block in L1 (a sum paused between blocks
+//! continues the same chain). Threads split the panels; each writes its
+//! own panel-major output, transposed into `Y` at the end.
 //!
-//! A quantized panel (see `quant`) is dequantized on the fly to exactly the
-//! `f32` values of the F32 path, so the chains and their results are the
-//! same bit for bit while a decode step streams a sixth of the bytes. For
-//! a decode step's few rows (up to [`DIRECT_ROWS_512`] with AVX-512, up to
-//! [`DIRECT_ROWS`] with AVX2 alone), each `k` step's 16 weights are
-//! dequantized in registers and go straight into the FMAs of every row,
-//! all rows in one pass over the panel (`X` then is one tile of all `m`
-//! rows): the dequantization is paid once per step of a batch, not once
-//! per row. With AVX-512 a step's 16 weights are one register and each row
-//! one accumulator; AVX2 takes up to 4 rows on the whole panel, and 5 to 8
-//! rows on one half of it, then the other (16 registers hold no more). With
-//! more rows (prefill), each `k` block of a panel is dequantized once into
-//! an L1 scratch and every tile of rows runs the F32 kernel over it.
+//! # Quantized weights
+//!
+//! Q4_1 and Q8_0 panels (see `quant`) multiply rows of `X` quantized to 8
+//! bits per block of 32, llama.cpp's way: per block an exact integer dot
+//! product, then a fixed `f32` fix-up with the scales, the blocks in
+//! order. Each row is quantized by itself, integer sums are exact in any
+//! order, and the fix-ups are the same on every path, so the invariance
+//! holds here too (it is not the F32 weights' arithmetic, nor meant to
+//! be). Threads split the panels; each runs its panels against tiles of up
+//! to [`QROWS`] rows (a decode step's rows in one tile: a block's bytes are
+//! unpacked once for all of them, and each row costs 8 `vpdpbusd`s a block
+//! where the F32 path needs 32 FMAs), writing its columns of `Y` in place.
 
-use crate::quant::{self, QBlock, Q41, Q80, QK};
+use crate::quant::{self, QBlock, QRows, Q41, Q80, QK};
 use rayon::prelude::*;
 
 /// Output columns per packed panel.
@@ -239,9 +238,9 @@ fn quant_row<B: QBlock>(panel: &[B], j: usize, out: &mut [f32]) {
     }
 }
 
-/// Which kernels run: the scalar ones, AVX2 + FMA (+ F16C for the
-/// quantized ones), or those and AVX-512F for the quantized direct kernel.
-/// All give the same bits.
+/// Which kernels run: the scalar ones; AVX2 + FMA (the F32 kernel, and the
+/// scalar quantized code compiled for them); or those and the AVX-512 VNNI
+/// quantized kernel. All give the same bits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Isa {
     Scalar,
@@ -252,9 +251,9 @@ pub(crate) enum Isa {
 impl Isa {
     /// The fastest this CPU runs.
     pub fn best() -> Isa {
-        if crate::simd::avx512() {
+        if crate::simd::avx512_vnni() {
             Isa::Avx512
-        } else if crate::simd::avx2_fma_f16c() {
+        } else if crate::simd::avx2_fma() {
             Isa::Avx2
         } else {
             Isa::Scalar
@@ -268,21 +267,11 @@ impl Isa {
         [Isa::Avx512, Isa::Avx2, Isa::Scalar]
             .into_iter()
             .filter(|&isa| match isa {
-                Isa::Avx512 => crate::simd::avx512(),
-                Isa::Avx2 => crate::simd::avx2_fma_f16c(),
+                Isa::Avx512 => crate::simd::avx512_vnni(),
+                Isa::Avx2 => crate::simd::avx2_fma(),
                 Isa::Scalar => true,
             })
             .collect()
-    }
-
-    /// Rows up to which a quantized matmul runs the direct kernels (see
-    /// [`DIRECT_ROWS`]).
-    fn direct_rows(self) -> usize {
-        match self {
-            Isa::Scalar => 0,
-            Isa::Avx2 => DIRECT_ROWS,
-            Isa::Avx512 => DIRECT_ROWS_512,
-        }
     }
 }
 
@@ -300,24 +289,35 @@ pub(crate) fn matmul_with(x: &[f32], m: usize, w: &Packed, y: &mut [f32], isa: I
     if m == 0 {
         return;
     }
-    // X in tiles of ROWS rows, each transposed to k × ROWS (rows past m are
-    // zero and never read back); for the direct quantized kernels, one tile
-    // of all m rows.
-    let direct = is_direct(m, w, isa);
-    let width = if direct { m } else { ROWS };
-    let tiles = m.div_ceil(width);
-    let mut xt = vec![0.0f32; tiles * k * width];
-    for (i, row) in x.chunks_exact(k).enumerate() {
-        let tile = &mut xt[(i / width) * k * width..][..k * width];
-        for (kk, &v) in row.iter().enumerate() {
-            tile[kk * width + i % width] = v;
-        }
-    }
     let panels = n / PANEL;
     let per_task = panels.div_ceil(rayon::current_num_threads() * 4).max(1);
-    if direct {
-        direct_into(&xt, m, w, y, per_task, isa);
-        return;
+    match &w.data {
+        Data::F32(v) => f32_matmul(x, m, n, k, v, y, per_task, isa),
+        Data::Q41(b) => quant_matmul(x, m, n, k, b, y, per_task, isa),
+        Data::Q80(b) => quant_matmul(x, m, n, k, b, y, per_task, isa),
+    }
+}
+
+/// The F32 kernel: `X` in tiles of [`ROWS`] rows, each transposed to `k ×
+/// ROWS` (rows past `m` are zero and never read back), against the panels.
+#[allow(clippy::too_many_arguments)]
+fn f32_matmul(
+    x: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    v: &[f32],
+    y: &mut [f32],
+    per_task: usize,
+    isa: Isa,
+) {
+    let tiles = m.div_ceil(ROWS);
+    let mut xt = vec![0.0f32; tiles * k * ROWS];
+    for (i, row) in x.chunks_exact(k).enumerate() {
+        let tile = &mut xt[(i / ROWS) * k * ROWS..][..k * ROWS];
+        for (kk, &v) in row.iter().enumerate() {
+            tile[kk * ROWS + i % ROWS] = v;
+        }
     }
     // Panel-major output: panel p's m × PANEL block at p*m*PANEL (for one
     // row, that is `y` itself; the kernels write every output, so it need
@@ -328,19 +328,11 @@ pub(crate) fn matmul_with(x: &[f32], m: usize, w: &Packed, y: &mut [f32], isa: I
         vec![0.0f32; m * n]
     };
     let yp_out = if m == 1 { &mut *y } else { &mut yp[..] };
-    let out = yp_out.par_chunks_mut(per_task * m * PANEL);
     let xt = &xt;
-    match &w.data {
-        Data::F32(v) => out
-            .zip(v.par_chunks(per_task * k * PANEL))
-            .for_each(|(out, wp)| panels_entry(xt, m, k, wp, out, isa)),
-        Data::Q41(b) => out
-            .zip(b.par_chunks(per_task * k / QK))
-            .for_each(|(out, wp)| quant_entry(xt, m, k, wp, out, isa)),
-        Data::Q80(b) => out
-            .zip(b.par_chunks(per_task * k / QK))
-            .for_each(|(out, wp)| quant_entry(xt, m, k, wp, out, isa)),
-    }
+    yp_out
+        .par_chunks_mut(per_task * m * PANEL)
+        .zip(v.par_chunks(per_task * k * PANEL))
+        .for_each(|(out, wp)| panels_entry(xt, m, k, wp, out, isa));
     if m == 1 {
         return;
     }
@@ -351,22 +343,27 @@ pub(crate) fn matmul_with(x: &[f32], m: usize, w: &Packed, y: &mut [f32], isa: I
     }
 }
 
-/// The direct kernels, each task writing its panels' columns of every row
-/// of `y` in place (no panel-major buffer to allocate, fill and transpose:
-/// 1.5 MB for the logits of 8 rows).
-fn direct_into(xt: &[f32], m: usize, w: &Packed, y: &mut [f32], per_task: usize, isa: Isa) {
-    let k = w.k;
-    let mut segments = row_segments(y, w.n, m, per_task * PANEL);
-    let tasks = segments.par_chunks_mut(m);
-    match &w.data {
-        Data::Q41(b) => tasks
-            .zip(b.par_chunks(per_task * k / QK))
-            .for_each(|(out, wp)| direct_entry(xt, m, k, wp, out, isa)),
-        Data::Q80(b) => tasks
-            .zip(b.par_chunks(per_task * k / QK))
-            .for_each(|(out, wp)| direct_entry(xt, m, k, wp, out, isa)),
-        Data::F32(_) => unreachable!("F32 weights have no direct kernel"),
-    }
+/// The quantized kernels: `X` quantized row by row (see `quant`), then
+/// each task's panels against every tile of rows, written in place into
+/// its columns of each row of `y`.
+#[allow(clippy::too_many_arguments)]
+fn quant_matmul<B: quant::Kernel>(
+    x: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    b: &[B],
+    y: &mut [f32],
+    per_task: usize,
+    isa: Isa,
+) {
+    let xq = quant::quantize_rows(x, k, isa == Isa::Avx512);
+    let mut segments = row_segments(y, n, m, per_task * PANEL);
+    let xq = &xq;
+    segments
+        .par_chunks_mut(m)
+        .zip(b.par_chunks(per_task * k / QK))
+        .for_each(|(out, wp)| quant_entry(xq, m, k, wp, out, isa));
 }
 
 /// `y` (`m` rows of `n`) cut in stretches of `cols` columns: task `t`'s
@@ -385,10 +382,15 @@ fn row_segments(y: &mut [f32], n: usize, m: usize, cols: usize) -> Vec<&mut [f32
     segments
 }
 
-/// The direct kernel of `isa` over the panels in `wp`, into `out` (this
-/// task's stretch of each row).
-fn direct_entry<B: quant::Kernel>(
-    xt: &[f32],
+/// Rows of `X` per tile of the quantized kernels: a decode step's rows are
+/// one tile (each block's bytes unpacked once for all of them), a
+/// prefill's many tiles over a panel that stays in L1.
+const QROWS: usize = 8;
+
+/// The quantized panels in `wp` against all `m` rows, into `out` (this
+/// task's stretch of each row), on the kernels of `isa`.
+fn quant_entry<B: quant::Kernel>(
+    xq: &QRows,
     m: usize,
     k: usize,
     wp: &[B],
@@ -397,29 +399,67 @@ fn direct_entry<B: quant::Kernel>(
 ) {
     #[cfg(target_arch = "x86_64")]
     match isa {
-        // SAFETY: `direct_512` needs AVX-512F, AVX2, FMA and F16C, which
-        // `Isa::best` confirmed.
-        Isa::Avx512 => unsafe { direct_512(xt, m, k, wp, out) },
-        // SAFETY: `direct_avx2` needs AVX2, FMA and F16C, which `Isa::best`
+        // SAFETY: `quant_512` needs AVX-512F, BW and VNNI, AVX2, FMA and
+        // F16C, which `Isa::best` confirmed.
+        Isa::Avx512 => return unsafe { quant_512(xq, m, k, wp, out) },
+        // SAFETY: `quant_avx2` needs AVX2 and FMA, which `Isa::best`
         // confirmed.
-        Isa::Avx2 => unsafe { direct_avx2(xt, m, k, wp, out) },
-        Isa::Scalar => unreachable!("the scalar ISA has no direct kernel"),
+        Isa::Avx2 => return unsafe { quant_avx2(xq, m, k, wp, out) },
+        Isa::Scalar => {}
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    unreachable!(
-        "{isa:?} has no direct kernel here ({m}x{k}, {} blocks, {} rows)",
-        wp.len(),
-        out.len()
-    )
+    let _ = isa;
+    quant_panels(m, k, wp, out, |r0, rows, panel, o| {
+        quant::dot_rows(xq, r0, rows, panel, o)
+    })
 }
 
-/// A panel's `R × PANEL` outputs (`tile`) into the rows' stretches, at
-/// panel `pi` of the stretch.
+/// The scalar quantized code, compiled for AVX2 and FMA (same results).
 #[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn quant_avx2<B: quant::Kernel>(xq: &QRows, m: usize, k: usize, wp: &[B], out: &mut [&mut [f32]]) {
+    quant_panels(m, k, wp, out, |r0, rows, panel, o| {
+        quant::dot_rows(xq, r0, rows, panel, o)
+    })
+}
+
+/// The AVX-512 VNNI kernel, a tile of up to [`QROWS`] rows at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+fn quant_512<B: quant::Kernel>(xq: &QRows, m: usize, k: usize, wp: &[B], out: &mut [&mut [f32]]) {
+    use quant::avx512::dot_rows;
+    quant_panels(m, k, wp, out, |r0, rows, panel, o| match rows {
+        8 => dot_rows::<B, 8>(xq, r0, panel, o),
+        7 => dot_rows::<B, 7>(xq, r0, panel, o),
+        6 => dot_rows::<B, 6>(xq, r0, panel, o),
+        5 => dot_rows::<B, 5>(xq, r0, panel, o),
+        4 => dot_rows::<B, 4>(xq, r0, panel, o),
+        3 => dot_rows::<B, 3>(xq, r0, panel, o),
+        2 => dot_rows::<B, 2>(xq, r0, panel, o),
+        _ => dot_rows::<B, 1>(xq, r0, panel, o),
+    })
+}
+
+/// Each panel of `wp` against each tile of up to [`QROWS`] rows: `dot`
+/// writes a tile's `rows × PANEL` outputs, which go to the rows' stretches
+/// in `out`.
 #[inline(always)]
-fn scatter(tile: &[f32], pi: usize, out: &mut [&mut [f32]]) {
-    for (row, t) in out.iter_mut().zip(tile.chunks_exact(PANEL)) {
-        row[pi * PANEL..][..PANEL].copy_from_slice(t);
+fn quant_panels<B: QBlock>(
+    m: usize,
+    k: usize,
+    wp: &[B],
+    out: &mut [&mut [f32]],
+    mut dot: impl FnMut(usize, usize, &[B], &mut [f32]),
+) {
+    let mut tile = [0.0f32; QROWS * PANEL];
+    for (pi, panel) in wp.chunks_exact(k / QK).enumerate() {
+        for r0 in (0..m).step_by(QROWS) {
+            let rows = (m - r0).min(QROWS);
+            let t = &mut tile[..rows * PANEL];
+            dot(r0, rows, panel, t);
+            for (row, t) in out[r0..r0 + rows].iter_mut().zip(t.chunks_exact(PANEL)) {
+                row[pi * PANEL..][..PANEL].copy_from_slice(t);
+            }
+        }
     }
 }
 
@@ -438,153 +478,6 @@ fn panels_entry(xt: &[f32], m: usize, k: usize, wp: &[f32], out: &mut [f32], isa
     }
     let _ = isa;
     panels(xt, m, k, wp, out)
-}
-
-/// Rows up to which the quantized kernel dequantizes each `k` step in
-/// registers, straight into the FMAs; past it, it dequantizes a panel's
-/// `k` block once into L1 and runs the F32 tiles over it.
-const DIRECT_ROWS: usize = 8;
-/// [`DIRECT_ROWS`] with AVX-512: its 32 registers hold an accumulator for
-/// each of 12 rows beside the dequantizing ones (measured here: from 14
-/// rows on, LLVM spills and the kernel runs at half speed).
-const DIRECT_ROWS_512: usize = 12;
-/// Rows up to which the AVX2 direct kernel takes the whole panel (16
-/// columns, `2R` accumulators) at once; past it, one half at a time (`R`
-/// accumulators), which leaves room for the dequantizing registers.
-/// (Measured here, one core: at 4 rows whole 61 GFLOP/s, halves 55; at 8
-/// rows halves 72, against 57 through the L1 scratch.)
-#[cfg(target_arch = "x86_64")]
-const WHOLE_PANEL_ROWS: usize = 4;
-
-/// Whether [`quant_entry`] runs the direct kernels (which read `X` as one
-/// tile of all `m` rows).
-fn is_direct(m: usize, w: &Packed, isa: Isa) -> bool {
-    !matches!(w.data, Data::F32(_)) && m <= isa.direct_rows()
-}
-
-/// The quantized panels in `wp` against all rows through the L1 scratch,
-/// into the panel-major `out`.
-fn quant_entry<B: quant::Kernel>(
-    xt: &[f32],
-    m: usize,
-    k: usize,
-    wp: &[B],
-    out: &mut [f32],
-    isa: Isa,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if isa != Isa::Scalar {
-        // SAFETY: `quant_fast` needs AVX2, FMA and F16C, which `Isa::best`
-        // confirmed for every ISA but the scalar one.
-        unsafe { quant_fast(xt, m, k, wp, out) };
-        return;
-    }
-    let _ = isa;
-    quant_panels(xt, m, k, wp, out, |blocks, scratch| {
-        for (b, s) in blocks.iter().zip(scratch.chunks_exact_mut(QK * PANEL)) {
-            b.dequant(s);
-        }
-    })
-}
-
-/// The panels through the L1 scratch, dequantized with AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn quant_fast<B: quant::Kernel>(xt: &[f32], m: usize, k: usize, wp: &[B], out: &mut [f32]) {
-    quant_panels(xt, m, k, wp, out, |blocks, scratch| {
-        quant::avx2::dequant(blocks, scratch)
-    })
-}
-
-/// The panels against all `m` rows (at most [`DIRECT_ROWS`]) with the
-/// AVX2 direct kernels.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn direct_avx2<B: quant::Kernel>(xt: &[f32], m: usize, k: usize, wp: &[B], out: &mut [&mut [f32]]) {
-    let mut tile = [0.0f32; DIRECT_ROWS * PANEL];
-    for (pi, panel) in wp.chunks_exact(k / QK).enumerate() {
-        direct_rows(xt, m, panel, &mut tile[..m * PANEL]);
-        scatter(&tile[..m * PANEL], pi, out);
-    }
-}
-
-/// The panels against all `m` rows (at most [`DIRECT_ROWS_512`]) with the
-/// AVX-512 direct kernel.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-fn direct_512<B: quant::Kernel>(xt: &[f32], m: usize, k: usize, wp: &[B], out: &mut [&mut [f32]]) {
-    use quant::avx512::direct;
-    let mut tile = [0.0f32; DIRECT_ROWS_512 * PANEL];
-    for (pi, panel) in wp.chunks_exact(k / QK).enumerate() {
-        let o = &mut tile[..m * PANEL];
-        match m {
-            12 => direct::<B, 12>(xt, panel, o),
-            11 => direct::<B, 11>(xt, panel, o),
-            10 => direct::<B, 10>(xt, panel, o),
-            9 => direct::<B, 9>(xt, panel, o),
-            8 => direct::<B, 8>(xt, panel, o),
-            7 => direct::<B, 7>(xt, panel, o),
-            6 => direct::<B, 6>(xt, panel, o),
-            5 => direct::<B, 5>(xt, panel, o),
-            4 => direct::<B, 4>(xt, panel, o),
-            3 => direct::<B, 3>(xt, panel, o),
-            2 => direct::<B, 2>(xt, panel, o),
-            _ => direct::<B, 1>(xt, panel, o),
-        }
-        scatter(o, pi, out);
-    }
-}
-
-/// One panel against `m` (at most [`DIRECT_ROWS`]) rows, dequantized in
-/// registers.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn direct_rows<B: quant::Kernel>(xt: &[f32], m: usize, panel: &[B], o: &mut [f32]) {
-    use quant::avx2::{direct, direct_halves};
-    if m <= WHOLE_PANEL_ROWS {
-        match m {
-            4 => direct::<B, 4>(xt, panel, o),
-            3 => direct::<B, 3>(xt, panel, o),
-            2 => direct::<B, 2>(xt, panel, o),
-            _ => direct::<B, 1>(xt, panel, o),
-        }
-        return;
-    }
-    match m {
-        8 => direct_halves::<B, 8>(xt, panel, o),
-        7 => direct_halves::<B, 7>(xt, panel, o),
-        6 => direct_halves::<B, 6>(xt, panel, o),
-        5 => direct_halves::<B, 5>(xt, panel, o),
-        4 => direct_halves::<B, 4>(xt, panel, o),
-        3 => direct_halves::<B, 3>(xt, panel, o),
-        2 => direct_halves::<B, 2>(xt, panel, o),
-        _ => direct_halves::<B, 1>(xt, panel, o),
-    }
-}
-
-/// Each panel of `wp`, a `k` block at a time: `dequant` writes the block's
-/// F32 values into an L1 scratch, which every tile of rows then meets as
-/// the F32 path would.
-#[inline(always)]
-fn quant_panels<B: QBlock>(
-    xt: &[f32],
-    m: usize,
-    k: usize,
-    wp: &[B],
-    out: &mut [f32],
-    mut dequant: impl FnMut(&[B], &mut [f32]),
-) {
-    let mut scratch = [0.0f32; K_BLOCK * PANEL];
-    for (panel, o) in wp.chunks_exact(k / QK).zip(out.chunks_exact_mut(m * PANEL)) {
-        let mut k0 = 0;
-        while k0 < k {
-            let k1 = (k0 + K_BLOCK).min(k);
-            let wb = &mut scratch[..(k1 - k0) * PANEL];
-            dequant(&panel[k0 / QK..k1 / QK], wb);
-            tiles(xt, m, k, k0, k1, wb, o);
-            k0 = k1;
-        }
-    }
 }
 
 /// Rows of `k` per block: a panel's block (12 KiB) stays in L1 while every
@@ -744,11 +637,58 @@ mod tests {
         raw
     }
 
+    /// The quantized arithmetic of `quant`'s module docs, straight from
+    /// the file's blocks (row-major: GGUF block `b` of output `j` at `j ×
+    /// k/32 + b`) and the quantized rows: the packed kernels' oracle.
+    fn reference_quant(
+        dtype: GgmlDType,
+        raw: &[u8],
+        n: usize,
+        k: usize,
+        x: &QRows,
+        m: usize,
+    ) -> Vec<f32> {
+        let nb = k / QK;
+        let half = |b: &[u8], at: usize| quant::f16_to_f32(u16::from_le_bytes([b[at], b[at + 1]]));
+        let mut y = vec![0.0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut acc = 0.0f32;
+                for b in 0..nb {
+                    let xb = i * nb + b;
+                    let xq = &x.q[xb * QK..][..QK];
+                    match dtype {
+                        GgmlDType::Q4_1 => {
+                            let blk = &raw[(j * nb + b) * 20..][..20];
+                            let sumi: i32 = (0..QK)
+                                .map(|kk| {
+                                    let byte = blk[4 + kk % 16];
+                                    let q = if kk < 16 { byte & 0x0F } else { byte >> 4 };
+                                    i32::from(q) * i32::from(xq[kk])
+                                })
+                                .sum();
+                            acc = half(blk, 0).mul_add(sumi as f32 * x.d[xb], acc);
+                            acc = half(blk, 2).mul_add(x.s[xb], acc);
+                        }
+                        _ => {
+                            let blk = &raw[(j * nb + b) * 34..][..34];
+                            let sumi: i32 = (0..QK)
+                                .map(|kk| i32::from(blk[2 + kk] as i8) * i32::from(xq[kk]))
+                                .sum();
+                            acc = half(blk, 0).mul_add(sumi as f32 * x.d[xb], acc);
+                        }
+                    }
+                }
+                y[i * n + j] = acc;
+            }
+        }
+        y
+    }
+
     #[test]
-    fn quantized_kernels_equal_the_f32_kernel_on_candles_values_bit_for_bit() {
+    fn quantized_kernels_equal_the_reference_bit_for_bit_and_near_the_f32_product() {
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
-        // 40 panels: tasks of several panels, so the direct kernel runs
-        // panels side by side and one by one.
+        // 40 panels: tasks of several panels.
         let (n, k) = (40 * PANEL, 2 * K_BLOCK + 3 * QK);
         let x = values(70 * k, 5);
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
@@ -773,23 +713,44 @@ mod tests {
                 .iter()
                 .zip(&f32_values[21 * k..])
                 .all(|(a, b)| a.to_bits() == b.to_bits()));
-            // Every path (direct, through the scratch; SIMD and scalar) at
-            // every m against the F32 kernel.
+            let xq = quant::quantize_rows(&x, k, false);
+            let want_all = reference_quant(dtype, &raw, n, k, &xq, 70);
+            // Every path (one tile, several, a part tile; SIMD and scalar)
+            // at every m against the reference: a row's outputs are the
+            // same bits whatever the batch.
             for m in (1..=17).chain([31, 70]) {
                 let x = &x[..m * k];
-                let mut want = vec![0.0; m * n];
-                matmul_with(x, m, &reference, &mut want, Isa::Scalar);
+                let want = &want_all[..m * n];
                 for isa in Isa::all() {
                     // NaN: every output is written, whatever was there.
                     let mut got = vec![f32::NAN; m * n];
                     matmul_with(x, m, &q, &mut got, isa);
                     assert!(
                         got.iter()
-                            .zip(&want)
+                            .zip(want)
                             .all(|(a, b)| a.to_bits() == b.to_bits()),
                         "{dtype:?}, m = {m}, {isa:?}"
                     );
                 }
+            }
+            // And near the exact product of the same weights: 8-bit
+            // activations are off by at most half a step (1/254 of the
+            // block's largest) each.
+            let mut exact = vec![0.0; 70 * n];
+            matmul_with(&x, 70, &reference, &mut exact, Isa::Scalar);
+            let bound: Vec<f32> = (0..70 * n)
+                .map(|e| {
+                    let (i, j) = (e / n, e % n);
+                    (0..k)
+                        .map(|kk| (f32_values[j * k + kk] * x[i * k + kk]).abs())
+                        .sum::<f32>()
+                })
+                .collect();
+            for ((a, b), bound) in want_all.iter().zip(&exact).zip(&bound) {
+                assert!(
+                    (a - b).abs() <= bound / 100.0 + 1e-3,
+                    "{dtype:?}: {a} vs {b} (of {bound})"
+                );
             }
         }
     }

@@ -1,31 +1,51 @@
 //! Quantized weights kept as the file stores them (Q4_1, Q8_0), repacked in
-//! [`matmul`](crate::matmul)'s panels and dequantized inside the kernel to
-//! exactly the `f32` values that candle's dequantizer gives.
+//! [`matmul`](crate::matmul)'s panels, and multiplied as llama.cpp does:
+//! by activations quantized to 8 bits per block of 32, in integer dot
+//! products.
 //!
-//! # Exactness
+//! # Arithmetic
 //!
-//! candle dequantizes a Q4_1 block (`f16` scale `d`, `f16` minimum `m`,
-//! 32 nibbles `q`) as `q as f32 * d + m` (a multiply, then an add), and a
-//! Q8_0 block (`f16` scale `d`, 32 `i8` values `q`) as `q as f32 * d`. The
-//! product `q × d` is exact in `f32` in both (`q` has at most 8 significant
-//! bits, an `f16` at most 11, and an `f16`'s exponent range is far inside
-//! `f32`'s), so the only rounding is the add, and a fused multiply-add
-//! `fma(q, d, m)` rounds the same exact sum once: the same bits, zeros'
-//! signs included. `f16 → f32` is exact whoever converts it (F16C or
-//! [`f16_to_f32`]). So every weight the kernels use is bit for bit the
-//! weight of the F32 path, and the FMA chains over it are the same chains:
-//! the outputs are bit-identical to multiplying by the dequantized F32
-//! matrix, whatever `m`, whichever path (tests below check both on random
-//! blocks, and `model`'s tests on every weight of the real model).
+//! Each row of `X` is quantized block by block ([`quantize_rows`]): a
+//! block's 32 values `x` become `d × q` with `d = max|x| / 127` and `q =
+//! round(x / d)` (ties to even) in `-127 ..= 127`, with `Σq` beside it.
+//! A weight block (`f16` scale `dw`, and for Q4_1 an `f16` minimum `mw`)
+//! times an activation block is then, per output column, one exact integer
+//! sum `Σ qw × qx` and a fixed fix-up in `f32`:
+//!
+//! ```text
+//! t   = (Σ qw × qx) as f32 × dx          (exact conversion: |Σ| < 2^24)
+//! acc = fma(dw, t, acc)
+//! acc = fma(mw, dx × Σqx as f32, acc)    (Q4_1 only)
+//! ```
+//!
+//! over the blocks of `k` in order from zero. Integer sums are exact in
+//! any order and the `f32` steps are the same per element on every path
+//! (the AVX-512 VNNI kernel, and the scalar code compiled plain or for
+//! AVX2), so an output never depends on the batch size, the tile, the
+//! thread or the kernel: batch invariance holds as it does for the F32
+//! path's in-order FMA chains (see `matmul`). It is not the arithmetic of
+//! the F32 weights (the activations are rounded to 8 bits; the F32 weights
+//! path stays exact for that, see `EngineConfigBuilder::f32_weights`), but
+//! it is llama.cpp's (`Q4_1 × Q8_1`, `Q8_0 × Q8_0`), and it does a fourth
+//! of the work per multiply-add: one `vpdpbusd` multiplies and sums 64
+//! byte pairs, where the F32 path needs four 16-wide FMAs. That is what
+//! lets a decode step of several rows cost little more than one.
 //!
 //! # Layout
 //!
 //! One [`Q41`] or [`Q80`] holds a panel's 32 values of `k` for its
-//! [`PANEL`] output columns: one GGUF block per column, regrouped so that a
-//! `k` step's 16 column values come out of two 256-bit registers with a
-//! shift and a mask (Q4_1) or one sign extension (Q8_0). A packed matrix is
-//! panels of `k / 32` such blocks. Bytes streamed per weight: 0.625 (Q4_1)
-//! and 1.0625 (Q8_0), against 4 for F32.
+//! [`PANEL`] output columns: one GGUF block per column, regrouped so that
+//! a register of 16 `u32` lanes holds, per column, 4 consecutive `k`
+//! values as unsigned bytes: the operand `vpdpbusd` multiplies by 4
+//! activation bytes broadcast to every lane. Q4_1's nibbles need a mask
+//! (and a shift for the high ones); Q8_0's signed bytes are stored plus
+//! 128 (unsigned), the extra `128 × Σqx` taken off the integer sum. A
+//! packed matrix is panels of `k / 32` such blocks. Bytes streamed per
+//! weight: 0.625 (Q4_1) and 1.0625 (Q8_0), against 4 for F32.
+//!
+//! The values themselves ([`QBlock::value`], for row lookups and the F32
+//! copy) are candle's dequantization bit for bit: `q × d + m` with an
+//! exact product, so one rounding.
 
 use crate::matmul::PANEL;
 
@@ -40,8 +60,9 @@ pub(crate) struct Q41 {
     d: [u16; PANEL],
     /// Column `j`'s minimum, `f16` bits.
     m: [u16; PANEL],
-    /// `q[w][j]` holds column `j`'s nibbles for `k = 8w .. 8w + 8`, the
-    /// one for `8w + s` in bits `4s .. 4s + 4`.
+    /// `q[w][j]` is column `j`'s GGUF bytes `4w .. 4w + 4`: byte `b`'s low
+    /// nibble is the value at `k = 4w + b`, its high nibble the one at
+    /// `k = 16 + 4w + b`.
     q: [[u32; PANEL]; 4],
 }
 
@@ -51,13 +72,14 @@ pub(crate) struct Q41 {
 pub(crate) struct Q80 {
     /// Column `j`'s scale, `f16` bits.
     d: [u16; PANEL],
-    /// `q[kk][j]`: column `j` at `k = kk`.
-    q: [[i8; PANEL]; QK],
+    /// `q[w][j]`: column `j`'s values at `k = 4w .. 4w + 4`, one per byte,
+    /// each plus 128 (as `u8`).
+    q: [[u32; PANEL]; 8],
 }
 
-/// A quantized panel block: how to build it from the file's blocks and how
-/// to dequantize it (the scalar reference; the AVX2 kernels compute the
-/// same values).
+/// A quantized panel block: how to build it from the file's blocks, its
+/// values, and the scalar reference of its integer products (the AVX-512
+/// kernel computes the same).
 pub(crate) trait QBlock: Copy + Send + Sync + 'static {
     /// Bytes of one GGUF block (32 values of one row).
     const GGUF_BYTES: usize;
@@ -73,6 +95,15 @@ pub(crate) trait QBlock: Copy + Send + Sync + 'static {
             }
         }
     }
+    /// Column `j`'s stored byte at `k = kk` (what `vpdpbusd` multiplies).
+    fn byte(&self, kk: usize, j: usize) -> u8;
+    /// The integer sum's starting value for an activation block whose
+    /// values sum to `sum` (Q8_0 takes off what its bias of 128 adds).
+    fn init(sum: i32) -> i32;
+    /// Column `j`'s scale and minimum (zero for Q8_0) as `f32`.
+    fn scales(&self, j: usize) -> (f32, f32);
+    /// Whether the fix-up adds the minimum's term.
+    const MIN: bool;
 }
 
 fn f16_at(b: &[u8], at: usize) -> u16 {
@@ -81,6 +112,7 @@ fn f16_at(b: &[u8], at: usize) -> u16 {
 
 impl QBlock for Q41 {
     const GGUF_BYTES: usize = 20;
+    const MIN: bool = true;
 
     fn from_gguf(blocks: [&[u8]; PANEL]) -> Self {
         let mut out = Q41 {
@@ -90,13 +122,11 @@ impl QBlock for Q41 {
         };
         for (j, b) in blocks.iter().enumerate() {
             // GGUF: d, m, then byte i holds value i (low nibble) and value
-            // i + 16 (high nibble).
+            // i + 16 (high nibble): kept as they are, four bytes a lane.
             out.d[j] = f16_at(b, 0);
             out.m[j] = f16_at(b, 2);
-            for kk in 0..QK {
-                let byte = b[4 + kk % 16];
-                let q = if kk < 16 { byte & 0x0F } else { byte >> 4 };
-                out.q[kk / 8][j] |= u32::from(q) << (4 * (kk % 8));
+            for w in 0..4 {
+                out.q[w][j] = u32::from_le_bytes(b[4 + 4 * w..][..4].try_into().expect("4 bytes"));
             }
         }
         out
@@ -104,24 +134,44 @@ impl QBlock for Q41 {
 
     #[inline(always)]
     fn value(&self, kk: usize, j: usize) -> f32 {
-        let q = (self.q[kk / 8][j] >> (4 * (kk % 8))) & 0x0F;
+        let q = self.byte(kk, j);
         // candle's `(x0 as f32) * d + m`, unfused.
-        (q as f32) * f16_to_f32(self.d[j]) + f16_to_f32(self.m[j])
+        f32::from(q) * f16_to_f32(self.d[j]) + f16_to_f32(self.m[j])
+    }
+
+    #[inline(always)]
+    fn byte(&self, kk: usize, j: usize) -> u8 {
+        let (w, b) = ((kk % 16) / 4, kk % 4);
+        let shift = 8 * b + if kk < 16 { 0 } else { 4 };
+        ((self.q[w][j] >> shift) & 0x0F) as u8
+    }
+
+    #[inline(always)]
+    fn init(_: i32) -> i32 {
+        0
+    }
+
+    #[inline(always)]
+    fn scales(&self, j: usize) -> (f32, f32) {
+        (f16_to_f32(self.d[j]), f16_to_f32(self.m[j]))
     }
 }
 
 impl QBlock for Q80 {
     const GGUF_BYTES: usize = 34;
+    const MIN: bool = false;
 
     fn from_gguf(blocks: [&[u8]; PANEL]) -> Self {
         let mut out = Q80 {
             d: [0; PANEL],
-            q: [[0; PANEL]; QK],
+            q: [[0; PANEL]; 8],
         };
         for (j, b) in blocks.iter().enumerate() {
             out.d[j] = f16_at(b, 0);
-            for kk in 0..QK {
-                out.q[kk][j] = b[2 + kk] as i8;
+            for w in 0..8 {
+                // i8 + 128 as u8 is the bits with the sign bit flipped.
+                let bytes: [u8; 4] = std::array::from_fn(|i| b[2 + 4 * w + i] ^ 0x80);
+                out.q[w][j] = u32::from_le_bytes(bytes);
             }
         }
         out
@@ -129,7 +179,24 @@ impl QBlock for Q80 {
 
     #[inline(always)]
     fn value(&self, kk: usize, j: usize) -> f32 {
-        f32::from(self.q[kk][j]) * f16_to_f32(self.d[j])
+        let q = (self.byte(kk, j) ^ 0x80) as i8;
+        f32::from(q) * f16_to_f32(self.d[j])
+    }
+
+    #[inline(always)]
+    fn byte(&self, kk: usize, j: usize) -> u8 {
+        (self.q[kk / 4][j] >> (8 * (kk % 4))) as u8
+    }
+
+    #[inline(always)]
+    fn init(sum: i32) -> i32 {
+        // Σ (q + 128) × qx − 128 × Σ qx = Σ q × qx.
+        -128 * sum
+    }
+
+    #[inline(always)]
+    fn scales(&self, j: usize) -> (f32, f32) {
+        (f16_to_f32(self.d[j]), 0.0)
     }
 }
 
@@ -171,413 +238,216 @@ pub(crate) fn f16_to_f32(h: u16) -> f32 {
     f32::from_bits(bits)
 }
 
-/// What the matmul needs of a block format: on x86-64, its AVX2 and
-/// AVX-512 kernels too.
+/// What the matmul needs of a block format: on x86-64, its AVX-512 kernel
+/// too.
 #[cfg(target_arch = "x86_64")]
-pub(crate) trait Kernel: avx2::Steps + avx512::Steps {}
+pub(crate) trait Kernel: avx512::Vnni {}
 #[cfg(target_arch = "x86_64")]
-impl<T: avx2::Steps + avx512::Steps> Kernel for T {}
+impl<T: avx512::Vnni> Kernel for T {}
 #[cfg(not(target_arch = "x86_64"))]
 pub(crate) trait Kernel: QBlock {}
 #[cfg(not(target_arch = "x86_64"))]
 impl<T: QBlock> Kernel for T {}
 
-/// The AVX2 + FMA + F16C kernels. Every function here carries those target
-/// features; callers check them with `simd::avx2_fma_f16c` first.
-#[cfg(target_arch = "x86_64")]
-pub(crate) mod avx2 {
-    use super::{Q41, Q80, QK};
-    use crate::matmul::PANEL;
-    use std::arch::x86_64::*;
+/// The rows of `X` quantized block by block (see the module docs): row
+/// `r`'s block `b` is `q[(r × k/32 + b) × 32..][..32]`, with scale
+/// `d[r × k/32 + b]`, `s = d × Σq` and the integer `Σq` beside it.
+pub(crate) struct QRows {
+    pub q: Vec<i8>,
+    pub d: Vec<f32>,
+    pub s: Vec<f32>,
+    pub sum: Vec<i32>,
+}
 
-    /// Eight `u32`s.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn load_u32(a: &[u32; PANEL], half: usize) -> __m256i {
-        let a = &a[half * 8..][..8];
-        // SAFETY: `a` is 8 readable `u32`s (32 bytes); the load is unaligned.
-        unsafe { _mm256_loadu_si256(a.as_ptr().cast()) }
+/// Quantizes the `m × k` row-major `x` (`k` a multiple of 32); the same
+/// values whichever ISA runs it (see [`quantize_block`]).
+pub(crate) fn quantize_rows(x: &[f32], k: usize, avx512: bool) -> QRows {
+    assert_eq!(k % QK, 0, "{k} is not whole blocks of {QK}");
+    let blocks = x.len() / QK;
+    let mut out = QRows {
+        q: vec![0; x.len()],
+        d: vec![0.0; blocks],
+        s: vec![0.0; blocks],
+        sum: vec![0; blocks],
+    };
+    #[cfg(target_arch = "x86_64")]
+    if avx512 {
+        // SAFETY: the caller checked AVX-512F and BW (`simd::avx512_vnni`).
+        unsafe { avx512::quantize(x, &mut out) };
+        return out;
     }
-
-    /// Eight `f16` bits as `f32`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn load_f16(a: &[u16; PANEL], half: usize) -> __m256 {
-        let a = &a[half * 8..][..8];
-        // SAFETY: `a` is 8 readable `u16`s (16 bytes); the load is unaligned.
-        _mm256_cvtph_ps(unsafe { _mm_loadu_si128(a.as_ptr().cast()) })
+    let _ = avx512;
+    for (i, xb) in x.chunks_exact(QK).enumerate() {
+        let q: &mut [i8; QK] = (&mut out.q[i * QK..][..QK]).try_into().expect("a block");
+        (out.d[i], out.sum[i]) = quantize_block(xb.try_into().expect("a block"), q);
+        out.s[i] = out.d[i] * out.sum[i] as f32;
     }
+    out
+}
 
-    /// Eight `i8`s as `f32`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn load_i8(a: &[i8; PANEL], half: usize) -> __m256 {
-        let a = &a[half * 8..][..8];
-        // SAFETY: `a` is 8 readable bytes; `_mm_loadl_epi64` reads exactly 8,
-        // unaligned.
-        let q = unsafe { _mm_loadl_epi64(a.as_ptr().cast()) };
-        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q))
+/// One block: `d = max|x| / 127`, `q = round(x × (1/d))` (ties to even;
+/// all zero when `d` is), and `Σq`.
+#[inline(always)]
+fn quantize_block(x: &[f32; QK], q: &mut [i8; QK]) -> (f32, i32) {
+    let amax = x.iter().fold(0.0f32, |a, &v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0;
+    for (q, &v) in q.iter_mut().zip(x) {
+        // |v × id| ≤ 127 (plus a rounding), so the clamp only guards NaN.
+        let r = (v * id).round_ties_even().clamp(-127.0, 127.0) as i32;
+        *q = r as i8;
+        sum += r;
     }
+    (d, sum)
+}
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn load(x: &[f32]) -> __m256 {
-        let x = &x[..8];
-        // SAFETY: `x` is 8 readable `f32`s; the load is unaligned.
-        unsafe { _mm256_loadu_ps(x.as_ptr()) }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn store(out: &mut [f32], v: __m256) {
-        let out = &mut out[..8];
-        // SAFETY: `out` is 8 writable `f32`s; the store is unaligned.
-        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), v) }
-    }
-
-    /// A block's 32 `k` steps: `GROUPS` groups of `STEPS` steps, each
-    /// step's 16 column values in two registers, one per half of the panel
-    /// (columns `8h .. 8h + 8`), which the kernels may take together or one
-    /// at a time.
-    pub(crate) trait Steps: super::QBlock {
-        /// The block's scales (and minimums) as `f32`, kept in L1 rather
-        /// than in registers: the FMAs read them as memory operands.
-        type Scales: Copy;
-        /// One group's quantized values for one half, in a register.
-        type Group: Copy;
-        const GROUPS: usize;
-        const STEPS: usize;
-        /// # Safety
-        /// The CPU must have AVX2, FMA and F16C.
-        unsafe fn scales(&self) -> Self::Scales;
-        /// # Safety
-        /// As for [`Steps::scales`].
-        unsafe fn group(&self, g: usize, h: usize) -> Self::Group;
-        /// Half `h`'s values at `k = g × STEPS + s` of the block; called for
-        /// `s` in order (it may consume `grp`, half `h`'s group, as it goes).
-        ///
-        /// # Safety
-        /// As for [`Steps::scales`].
-        unsafe fn step(
-            &self,
-            sc: &Self::Scales,
-            grp: &mut Self::Group,
-            g: usize,
-            s: usize,
-            h: usize,
-        ) -> __m256;
-    }
-
-    impl Steps for Q41 {
-        /// `[d, m]`.
-        type Scales = [[f32; PANEL]; 2];
-        /// `q[g]`'s 8 columns of the half.
-        type Group = __m256i;
-        const GROUPS: usize = 4;
-        const STEPS: usize = 8;
-
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn scales(&self) -> Self::Scales {
-            let mut sc = [[0.0; PANEL]; 2];
-            for (o, v) in sc.iter_mut().zip([&self.d, &self.m]) {
-                store(&mut o[..8], load_f16(v, 0));
-                store(&mut o[8..], load_f16(v, 1));
-            }
-            sc
-        }
-
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn group(&self, g: usize, h: usize) -> Self::Group {
-            load_u32(&self.q[g], h)
-        }
-
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn step(
-            &self,
-            [d, m]: &Self::Scales,
-            grp: &mut Self::Group,
-            _: usize,
-            _: usize,
-            h: usize,
-        ) -> __m256 {
-            // The low nibble is this step's; shift the next one down.
-            let q = _mm256_and_si256(*grp, _mm256_set1_epi32(0x0F));
-            *grp = _mm256_srli_epi32::<4>(*grp);
-            // q × d is exact, so this is candle's q × d + m.
-            _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), load(&d[8 * h..]), load(&m[8 * h..]))
-        }
-    }
-
-    impl Steps for Q80 {
-        type Scales = [f32; PANEL];
-        type Group = ();
-        const GROUPS: usize = 4;
-        const STEPS: usize = 8;
-
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn scales(&self) -> Self::Scales {
-            let mut d = [0.0; PANEL];
-            store(&mut d[..8], load_f16(&self.d, 0));
-            store(&mut d[8..], load_f16(&self.d, 1));
-            d
-        }
-
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn group(&self, _: usize, _: usize) -> Self::Group {}
-
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn step(
-            &self,
-            d: &Self::Scales,
-            _: &mut (),
-            g: usize,
-            s: usize,
-            h: usize,
-        ) -> __m256 {
-            let q = &self.q[g * Self::STEPS + s];
-            // q × d is exact, as candle's.
-            _mm256_mul_ps(load_i8(q, h), load(&d[8 * h..]))
-        }
-    }
-
-    /// Dequantizes `blocks` (consecutive blocks of one panel) into `out`
-    /// (`blocks.len() × 32 × PANEL`, `k`-major).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) fn dequant<B: Steps>(blocks: &[B], out: &mut [f32]) {
-        for (b, o) in blocks.iter().zip(out.chunks_exact_mut(QK * PANEL)) {
-            // SAFETY: this function has the features `Steps` needs.
-            let sc = unsafe { b.scales() };
-            for g in 0..B::GROUPS {
-                // SAFETY: as above.
-                let mut grp = [0, 1].map(|h| unsafe { b.group(g, h) });
-                for s in 0..B::STEPS {
-                    // SAFETY: as above.
-                    let w = [0, 1].map(|h| unsafe { b.step(&sc, &mut grp[h], g, s, h) });
-                    let kk = g * B::STEPS + s;
-                    store(&mut o[kk * PANEL..], w[0]);
-                    store(&mut o[kk * PANEL + 8..], w[1]);
-                }
-            }
-        }
-    }
-
-    /// `R` rows of `X` (`xt`, `k`-major: row `r` at `k` is `xt[k × R +
-    /// r]`) against one whole panel (`blocks`: all of `k`), dequantizing
-    /// each step in registers. `out` (`R × PANEL`) gets, per element, the
-    /// FMA chain over `k` from zero, in order.
-    ///
-    /// (Several panels side by side, for more independent chains at small
-    /// `R`, measured slower here: the step is bound by its dequantizing
-    /// uops, not by the FMA latency.)
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) fn direct<B: Steps, const R: usize>(xt: &[f32], blocks: &[B], out: &mut [f32]) {
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+/// Panel blocks of `blocks` (all of one panel's `k`) against `R` rows of
+/// `x` (from row `r0`), scalar: `out` (`R × PANEL`) gets each element's
+/// fix-up chain over the blocks from zero (see the module docs).
+#[inline(always)]
+pub(crate) fn dot_rows<B: QBlock>(
+    x: &QRows,
+    r0: usize,
+    rows: usize,
+    blocks: &[B],
+    out: &mut [f32],
+) {
+    let nb = blocks.len();
+    for (r, o) in out.chunks_exact_mut(PANEL).enumerate().take(rows) {
+        let row = (r0 + r) * nb;
+        let mut acc = [0.0f32; PANEL];
         for (b, blk) in blocks.iter().enumerate() {
-            // SAFETY: this function has the features `Steps` needs.
-            let sc = unsafe { blk.scales() };
-            for g in 0..B::GROUPS {
-                // SAFETY: as above.
-                let mut grp = [0, 1].map(|h| unsafe { blk.group(g, h) });
-                let xg = &xt[(b * QK + g * B::STEPS) * R..][..B::STEPS * R];
-                for (s, xs) in xg.chunks_exact(R).enumerate() {
-                    // SAFETY: as above.
-                    let w = [0, 1].map(|h| unsafe { blk.step(&sc, &mut grp[h], g, s, h) });
-                    for (a, &x) in acc.iter_mut().zip(xs) {
-                        let x = _mm256_set1_ps(x);
-                        a[0] = _mm256_fmadd_ps(x, w[0], a[0]);
-                        a[1] = _mm256_fmadd_ps(x, w[1], a[1]);
-                    }
+            let xq = &x.q[(row + b) * QK..][..QK];
+            let (dx, sx) = (x.d[row + b], x.s[row + b]);
+            let init = B::init(x.sum[row + b]);
+            for (j, a) in acc.iter_mut().enumerate() {
+                let mut sumi = init;
+                for (kk, &qx) in xq.iter().enumerate() {
+                    sumi += i32::from(blk.byte(kk, j)) * i32::from(qx);
+                }
+                let (dw, mw) = blk.scales(j);
+                let t = sumi as f32 * dx;
+                *a = dw.mul_add(t, *a);
+                if B::MIN {
+                    *a = mw.mul_add(sx, *a);
                 }
             }
         }
-        for (o, a) in out.chunks_exact_mut(PANEL).zip(&acc) {
-            store(&mut o[..8], a[0]);
-            store(&mut o[8..], a[1]);
-        }
-    }
-
-    /// As [`direct`], one half of the panel (8 columns) at a time over the
-    /// whole of `k`: `R` accumulators instead of `2R`, so up to 8 rows fit
-    /// the 16 registers beside the dequantizing ones, and each step's
-    /// dequantization feeds `R` FMAs. The second half reads the panel's
-    /// blocks again, from L1 (a panel is at most 15 KiB here). Every
-    /// element is still one FMA chain over `k`, in order, from zero.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) fn direct_halves<B: Steps, const R: usize>(
-        xt: &[f32],
-        blocks: &[B],
-        out: &mut [f32],
-    ) {
-        for h in 0..2 {
-            let mut acc = [_mm256_setzero_ps(); R];
-            for (b, blk) in blocks.iter().enumerate() {
-                // SAFETY: this function has the features `Steps` needs.
-                let sc = unsafe { blk.scales() };
-                for g in 0..B::GROUPS {
-                    // SAFETY: as above.
-                    let mut grp = unsafe { blk.group(g, h) };
-                    let xg = &xt[(b * QK + g * B::STEPS) * R..][..B::STEPS * R];
-                    for (s, xs) in xg.chunks_exact(R).enumerate() {
-                        // SAFETY: as above.
-                        let w = unsafe { blk.step(&sc, &mut grp, g, s, h) };
-                        for (a, &x) in acc.iter_mut().zip(xs) {
-                            *a = _mm256_fmadd_ps(_mm256_set1_ps(x), w, *a);
-                        }
-                    }
-                }
-            }
-            for (o, a) in out.chunks_exact_mut(PANEL).zip(&acc) {
-                store(&mut o[8 * h..], *a);
-            }
-        }
+        o.copy_from_slice(&acc);
     }
 }
 
-/// The AVX-512 kernel of decode's few rows: a block's 16 columns are one
-/// 512-bit register, so a step's dequantization is half the instructions
-/// of AVX2's, the `x` values broadcast inside the FMAs, and 32 registers
-/// hold an accumulator for each of up to 16 rows (more independent chains
-/// than the FMA latency needs). The values are those of the AVX2 and
-/// scalar kernels, lane for lane: the same `f16` conversions, the same
-/// `q × d (+ m)`, the same FMA chains. Every function here carries
-/// AVX-512F (with AVX2, FMA and F16C); callers check them with
-/// `simd::avx512` first.
+/// The AVX-512 kernels: activation quantization, and the integer products
+/// with VNNI's `vpdpbusd`. The values are those of the scalar code, lane
+/// for lane: the same roundings, the same (exact) integer sums, the same
+/// `f32` fix-ups in the same order. Every function here carries AVX-512F,
+/// BW and VNNI (with AVX2, FMA and F16C); callers check them with
+/// `simd::avx512_vnni` first.
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512 {
-    use super::{Q41, Q80, QK};
+    use super::{QRows, Q41, Q80, QK};
     use crate::matmul::PANEL;
     use std::arch::x86_64::*;
 
-    /// A block's 32 `k` steps: `GROUPS` groups of `STEPS` steps, each
-    /// step's 16 column values in one register.
-    pub(crate) trait Steps: super::QBlock {
-        /// The block's scales (and minimums), in registers.
-        type Scales: Copy;
-        /// One group's quantized values, in a register.
-        type Group: Copy;
-        const GROUPS: usize;
-        const STEPS: usize;
-        /// # Safety
-        /// The CPU must have AVX-512F, AVX2, FMA and F16C.
-        unsafe fn scales(&self) -> Self::Scales;
-        /// # Safety
-        /// As for [`Steps::scales`].
-        unsafe fn group(&self, g: usize) -> Self::Group;
-        /// The values at `k = g × STEPS + s` of the block; called for `s` in
-        /// order (it may consume `grp` as it goes).
-        ///
-        /// # Safety
-        /// As for [`Steps::scales`].
-        unsafe fn step(
-            &self,
-            sc: &Self::Scales,
-            grp: &mut Self::Group,
-            g: usize,
-            s: usize,
-        ) -> __m512;
-    }
-
     /// Sixteen `f16` bits as `f32`.
     #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
     fn load_f16(a: &[u16; PANEL]) -> __m512 {
         // SAFETY: `a` is 16 readable `u16`s (32 bytes); the load is
         // unaligned.
         _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(a.as_ptr().cast()) })
     }
 
-    impl Steps for Q41 {
-        /// `[d, m]`.
-        type Scales = [__m512; 2];
-        /// `q[g]`.
-        type Group = __m512i;
-        const GROUPS: usize = 4;
-        const STEPS: usize = 8;
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    fn load_u32(a: &[u32; PANEL]) -> __m512i {
+        // SAFETY: `a` is 16 readable `u32`s (64 bytes); the load is
+        // unaligned.
+        unsafe { _mm512_loadu_si512(a.as_ptr().cast()) }
+    }
+
+    /// A block's bytes for `vpdpbusd`, its scales, per format.
+    pub(crate) trait Vnni: super::QBlock {
+        /// Group `g`'s bytes: per column, those at `k = 4g .. 4g + 4`.
+        ///
+        /// # Safety
+        /// The CPU must have AVX-512F, BW and VNNI, AVX2, FMA and F16C.
+        unsafe fn groups(&self) -> [__m512i; 8];
+        /// `[dw, mw]` (`mw` unused for Q8_0).
+        ///
+        /// # Safety
+        /// As for [`Vnni::groups`].
+        unsafe fn scales512(&self) -> [__m512; 2];
+    }
+
+    impl Vnni for Q41 {
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+        unsafe fn groups(&self) -> [__m512i; 8] {
+            let mask = _mm512_set1_epi8(0x0F);
+            let q = self.q.map(|w| load_u32(&w));
+            // Low nibbles: k = 4w + b; high: k = 16 + 4w + b.
+            std::array::from_fn(|g| {
+                if g < 4 {
+                    _mm512_and_si512(q[g], mask)
+                } else {
+                    _mm512_and_si512(_mm512_srli_epi32::<4>(q[g - 4]), mask)
+                }
+            })
+        }
 
         #[inline]
-        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-        unsafe fn scales(&self) -> Self::Scales {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+        unsafe fn scales512(&self) -> [__m512; 2] {
             [load_f16(&self.d), load_f16(&self.m)]
         }
+    }
 
+    impl Vnni for Q80 {
         #[inline]
-        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-        unsafe fn group(&self, g: usize) -> Self::Group {
-            // SAFETY: `q[g]` is 16 readable `u32`s (64 bytes); the load is
-            // unaligned.
-            unsafe { _mm512_loadu_si512(self.q[g].as_ptr().cast()) }
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+        unsafe fn groups(&self) -> [__m512i; 8] {
+            self.q.map(|w| load_u32(&w))
         }
 
         #[inline]
-        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-        unsafe fn step(
-            &self,
-            [d, m]: &Self::Scales,
-            grp: &mut Self::Group,
-            _: usize,
-            _: usize,
-        ) -> __m512 {
-            // The low nibble is this step's; shift the next one down.
-            let q = _mm512_and_si512(*grp, _mm512_set1_epi32(0x0F));
-            *grp = _mm512_srli_epi32::<4>(*grp);
-            // q × d is exact, so this is candle's q × d + m.
-            _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), *d, *m)
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+        unsafe fn scales512(&self) -> [__m512; 2] {
+            [load_f16(&self.d), _mm512_setzero_ps()]
         }
     }
 
-    impl Steps for Q80 {
-        type Scales = __m512;
-        type Group = ();
-        const GROUPS: usize = 4;
-        const STEPS: usize = 8;
-
-        #[inline]
-        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-        unsafe fn scales(&self) -> Self::Scales {
-            load_f16(&self.d)
-        }
-
-        #[inline]
-        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-        unsafe fn group(&self, _: usize) -> Self::Group {}
-
-        #[inline]
-        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-        unsafe fn step(&self, d: &Self::Scales, _: &mut (), g: usize, s: usize) -> __m512 {
-            let q = &self.q[g * Self::STEPS + s];
-            // SAFETY: `q` is 16 readable bytes; the load is unaligned.
-            let q = unsafe { _mm_loadu_si128(q.as_ptr().cast()) };
-            // q × d is exact, as candle's.
-            _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), *d)
-        }
-    }
-
-    /// `R` rows of `X` (`xt`, `k`-major: row `r` at `k` is `xt[k × R +
-    /// r]`) against one whole panel (`blocks`: all of `k`), dequantizing
-    /// each step in registers. `out` (`R × PANEL`) gets, per element, the
-    /// FMA chain over `k` from zero, in order.
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    pub(crate) fn direct<B: Steps, const R: usize>(xt: &[f32], blocks: &[B], out: &mut [f32]) {
+    /// `R` rows of `x` (from row `r0`) against one whole panel (`blocks`:
+    /// all of `k`), into `out` (`R × PANEL`): [`super::dot_rows`]'s values.
+    /// A block's bytes are unpacked once for all `R` rows; each row's
+    /// integer sum is 8 `vpdpbusd`s (rows' sums are independent, so they
+    /// overlap in the pipeline).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    pub(crate) fn dot_rows<B: Vnni, const R: usize>(
+        x: &QRows,
+        r0: usize,
+        blocks: &[B],
+        out: &mut [f32],
+    ) {
+        let nb = blocks.len();
         let mut acc = [_mm512_setzero_ps(); R];
         for (b, blk) in blocks.iter().enumerate() {
-            // SAFETY: this function has the features `Steps` needs.
-            let sc = unsafe { blk.scales() };
-            for g in 0..B::GROUPS {
-                // SAFETY: as above.
-                let mut grp = unsafe { blk.group(g) };
-                let xg = &xt[(b * QK + g * B::STEPS) * R..][..B::STEPS * R];
-                for (s, xs) in xg.chunks_exact(R).enumerate() {
-                    // SAFETY: as above.
-                    let w = unsafe { blk.step(&sc, &mut grp, g, s) };
-                    for (a, &x) in acc.iter_mut().zip(xs) {
-                        *a = _mm512_fmadd_ps(_mm512_set1_ps(x), w, *a);
-                    }
+            // SAFETY: this function has the features `Vnni` needs.
+            let (w, [dw, mw]) = unsafe { (blk.groups(), blk.scales512()) };
+            for (r, a) in acc.iter_mut().enumerate() {
+                let i = (r0 + r) * nb + b;
+                let xq = &x.q[i * QK..][..QK];
+                let mut sumi = _mm512_set1_epi32(B::init(x.sum[i]));
+                for (g, wg) in w.iter().enumerate() {
+                    let bytes: [u8; 4] = std::array::from_fn(|j| xq[4 * g + j] as u8);
+                    let xg = _mm512_set1_epi32(i32::from_le_bytes(bytes));
+                    sumi = _mm512_dpbusd_epi32(sumi, *wg, xg);
+                }
+                let t = _mm512_mul_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(x.d[i]));
+                *a = _mm512_fmadd_ps(dw, t, *a);
+                if B::MIN {
+                    *a = _mm512_fmadd_ps(mw, _mm512_set1_ps(x.s[i]), *a);
                 }
             }
         }
@@ -585,6 +455,44 @@ pub(crate) mod avx512 {
             let o = &mut o[..PANEL];
             // SAFETY: `o` is 16 writable `f32`s; the store is unaligned.
             unsafe { _mm512_storeu_ps(o.as_mut_ptr(), *a) };
+        }
+    }
+
+    /// [`super::quantize_rows`] for all of `x`, 32 values (two registers)
+    /// a block: the same operations per value as the scalar
+    /// `quantize_block` (a max is exact, so its order does not matter; so
+    /// is an integer sum).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    pub(crate) fn quantize(x: &[f32], out: &mut QRows) {
+        for (i, xb) in x.chunks_exact(QK).enumerate() {
+            // SAFETY: `xb` is 32 readable `f32`s; the loads are unaligned.
+            let v = unsafe {
+                [
+                    _mm512_loadu_ps(xb.as_ptr()),
+                    _mm512_loadu_ps(xb[16..].as_ptr()),
+                ]
+            };
+            let amax =
+                _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+            let d = amax / 127.0;
+            let id = _mm512_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+            let (lo, hi) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
+            let q = v.map(|v| {
+                let r = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                    _mm512_mul_ps(v, id),
+                );
+                _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, lo), hi))
+            });
+            let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q[0], q[1]));
+            for (h, q) in q.into_iter().enumerate() {
+                let dst = &mut out.q[i * QK + 16 * h..][..16];
+                // SAFETY: `dst` is 16 writable bytes; the store is
+                // unaligned.
+                unsafe { _mm_storeu_si128(dst.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(q)) };
+            }
+            out.d[i] = d;
+            out.sum[i] = sum;
+            out.s[i] = d * sum as f32;
         }
     }
 }
@@ -629,6 +537,40 @@ mod tests {
                 got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
                 "{h:#06x}: {got} vs {want}"
             );
+        }
+    }
+
+    /// The SIMD quantizer gives the scalar one's bytes and scales, on
+    /// values of every magnitude, zeros and ties included.
+    #[test]
+    fn activation_quantization_is_the_same_on_every_isa() {
+        let mut x: Vec<f32> = (0..64 * QK)
+            .map(|i| {
+                let v = ((i as u32).wrapping_mul(2654435761) % 20001) as f32 / 10000.0 - 1.0;
+                v * [1e-6, 1e-2, 1.0, 37.0][i / QK % 4]
+            })
+            .collect();
+        // A zero block, and one whose values land on halves (127 / 254
+        // steps: ties).
+        x[..QK].fill(0.0);
+        for (i, v) in x[QK..2 * QK].iter_mut().enumerate() {
+            *v = (i as f32 - 16.0) * 0.5;
+        }
+        let want = quantize_rows(&x, 4 * QK, false);
+        // Each value is within half a step of its quantized value.
+        for (i, xb) in x.chunks_exact(QK).enumerate() {
+            for (kk, &v) in xb.iter().enumerate() {
+                let back = f32::from(want.q[i * QK + kk]) * want.d[i];
+                assert!((back - v).abs() <= want.d[i] * 0.5 + 1e-12, "{v} vs {back}");
+            }
+        }
+        if crate::simd::avx512_vnni() {
+            let got = quantize_rows(&x, 4 * QK, true);
+            assert_eq!(got.q, want.q);
+            assert_eq!(got.sum, want.sum);
+            for (a, b) in [(&got.d, &want.d), (&got.s, &want.s)] {
+                assert!(a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits()));
+            }
         }
     }
 }

@@ -6,10 +6,10 @@
 //! function (where LLVM vectorizes them), picked by [`avx2_fma`]. Both
 //! compute the same FMAs in the same order (`mul_add` is an exact fused
 //! multiply-add either way), so results never depend on which one ran:
-//! only speed does. The quantized matmul (`quant`, also needing F16C: see
-//! [`avx2_fma_f16c`]) and `exp` are written twice instead, as AVX2
-//! intrinsics and as a scalar reference, with the same operations per
-//! value; tests hold the two to the same bits.
+//! only speed does. The quantized matmul's scalar code is compiled that
+//! way too; its AVX-512 VNNI kernel (see [`avx512_vnni`]) and `exp` are
+//! written twice instead, as intrinsics and as a scalar reference, with
+//! the same operations per value; tests hold the two to the same bits.
 
 use std::sync::OnceLock;
 
@@ -29,30 +29,19 @@ pub(crate) fn avx2_fma() -> bool {
     })
 }
 
-/// Whether this CPU has AVX2, FMA and F16C (the quantized kernels' `f16`
-/// scales), checked once.
-pub(crate) fn avx2_fma_f16c() -> bool {
+/// Whether this CPU has AVX-512F, BW and VNNI beside AVX2, FMA and F16C
+/// (the quantized matmul's kernel and its activation quantizer), checked
+/// once.
+pub(crate) fn avx512_vnni() -> bool {
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            avx2_fma() && std::arch::is_x86_feature_detected!("f16c")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    })
-}
-
-/// Whether this CPU has AVX-512F beside AVX2, FMA and F16C (the quantized
-/// matmul's decode kernel), checked once.
-pub(crate) fn avx512() -> bool {
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            avx2_fma_f16c() && std::arch::is_x86_feature_detected!("avx512f")
+            avx2_fma()
+                && std::arch::is_x86_feature_detected!("f16c")
+                && std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vnni")
         }
         #[cfg(not(target_arch = "x86_64"))]
         {

@@ -28,22 +28,51 @@ fn tokenizer_reproduces_the_reference_ids_and_decodes_back() {
 /// exact F32 forward and llama.cpp (quantized kernels) part ways: a float64
 /// forward of the dequantized weights (numpy, written apart from this
 /// crate) gives 20.282636 for token 11087 and 20.075344 for token 940.
+const FLOAT64_LOGITS: [(usize, f32); 3] = [(11087, 20.282636), (940, 20.075344), (3187, 18.492738)];
+
+/// The engine on F32 weights computes that forward to within `f32`
+/// rounding.
 #[test]
 fn logits_match_a_float64_forward_of_the_same_weights() {
-    let Some(engine) = common::engine() else {
+    let Some(engine) = common::f32_engine() else {
         return;
     };
-    let v = common::vectors();
-    let mut prompt = common::ids(&v["generate"]["prompt_ids"]);
-    prompt.extend_from_slice(&common::ids(&v["generate"]["greedy_ids"])[..8]);
-    let logits = engine.next_token_logits(&prompt).unwrap();
-    for (token, expected) in [(11087, 20.282636f32), (940, 20.075344), (3187, 18.492738)] {
+    let logits = engine.next_token_logits(&reference_prompt()).unwrap();
+    for (token, expected) in FLOAT64_LOGITS {
         let got = logits[token];
         assert!(
             (got - expected).abs() < 2e-3,
             "token {token}: {got} vs {expected}"
         );
     }
+}
+
+/// The default engine (quantized weights times 8-bit activations, as
+/// llama.cpp) stays near it.
+#[test]
+fn quantized_logits_stay_near_a_float64_forward_of_the_same_weights() {
+    let Some(engine) = common::engine() else {
+        return;
+    };
+    let logits = engine.next_token_logits(&reference_prompt()).unwrap();
+    for (token, expected) in FLOAT64_LOGITS {
+        let got = logits[token];
+        eprintln!("token {token}: {got} vs {expected}");
+        assert!(
+            (got - expected).abs() < QUANTIZED_TOLERANCE,
+            "token {token}: {got} vs {expected}"
+        );
+    }
+}
+
+/// How far the 8-bit activations may move these logits.
+const QUANTIZED_TOLERANCE: f32 = 0.5;
+
+fn reference_prompt() -> Vec<u32> {
+    let v = common::vectors();
+    let mut prompt = common::ids(&v["generate"]["prompt_ids"]);
+    prompt.extend_from_slice(&common::ids(&v["generate"]["greedy_ids"])[..8]);
+    prompt
 }
 
 #[test]

@@ -42,6 +42,24 @@ pub fn engine() -> Option<&'static Arc<Engine>> {
         .as_ref()
 }
 
+/// As [`engine`], on F32 weights (exact F32 arithmetic), for tests against
+/// a float reference.
+pub fn f32_engine() -> Option<&'static Arc<Engine>> {
+    static ENGINE: OnceLock<Option<Arc<Engine>>> = OnceLock::new();
+    ENGINE
+        .get_or_init(|| {
+            let path = model_path()?;
+            let config = EngineConfig::builder()
+                .model_path(path)
+                .host_bytes(64 << 20)
+                .f32_weights(true)
+                .build()
+                .expect("config");
+            Some(Arc::new(Engine::load(config).expect("the model loads")))
+        })
+        .as_ref()
+}
+
 /// `data/engine/smollm2_vectors.json`.
 pub fn vectors() -> Value {
     let path = concat!(
