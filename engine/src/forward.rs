@@ -10,7 +10,7 @@
 
 use crate::exp::{exp, exp_sub};
 use crate::kv::{KvLayout, PrivatePages};
-use crate::matmul::matmul;
+use crate::matmul::{matmul, matmul_rows};
 use crate::model::{Model, MAX_GROUP};
 use rayon::prelude::*;
 
@@ -98,9 +98,17 @@ fn forward_in_pool(
                 // Scaling by 1/√head_dim (a power of two here) is exact.
                 q.iter_mut().for_each(|v| *v *= scale);
             });
-        // New K and V into the sequences' own pages.
+        // New K and V into the sequences' own pages, the sequences side by
+        // side (a decode step's rows are each another sequence's).
+        let mut starts = Vec::with_capacity(chunks.len());
         let mut row0 = 0;
-        for ch in chunks.iter_mut() {
+        for ch in chunks.iter() {
+            starts.push(row0);
+            row0 += ch.tokens.len();
+        }
+        let qkv_ref = &qkv;
+        chunks.par_iter_mut().zip(&starts).for_each(|(ch, &row0)| {
+            let qkv = qkv_ref;
             for r in 0..ch.tokens.len() {
                 let pos = ch.start + r;
                 if pos < ch.kv_len {
@@ -119,8 +127,7 @@ fn forward_in_pool(
                     block[layout.v_offset(li, head) + slot * hd..][..hd].copy_from_slice(v);
                 }
             }
-            row0 += ch.tokens.len();
-        }
+        });
         // Attention, row by row and KV head by KV head (the query heads
         // that share it go together, so each page is read once), each row
         // over its own sequence's pages. With too few rows to keep the
@@ -202,15 +209,16 @@ fn forward_in_pool(
     }
     let mut normed = vec![0.0f32; last.len()];
     rms_norm(&last, &model.output_norm, c.rms_eps, &mut normed);
-    let mut logits = vec![0.0f32; wanted.len() * c.vocab];
-    matmul(&normed, wanted.len(), &model.embed, &mut logits);
-    let mut rows = logits.chunks_exact(c.vocab);
+    let mut logits: Vec<Vec<f32>> = wanted.iter().map(|_| vec![0.0; c.vocab]).collect();
+    matmul_rows(
+        &normed,
+        &model.embed,
+        logits.iter_mut().map(|l| &mut l[..]).collect(),
+    );
+    let mut rows = logits.into_iter();
     chunks
         .iter()
-        .map(|ch| {
-            ch.logits
-                .then(|| rows.next().expect("one row per chunk").to_vec())
-        })
+        .map(|ch| ch.logits.then(|| rows.next().expect("one row per chunk")))
         .collect()
 }
 
@@ -218,8 +226,9 @@ fn forward_in_pool(
 /// in f64, then two multiplies).
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
     let h = w.len();
+    // (Its serial f64 sums are worth splitting at half as many rows.)
     y.par_chunks_mut(h)
-        .with_min_len(PAR_ROWS)
+        .with_min_len(PAR_ROWS / 2)
         .zip(x.par_chunks(h))
         .for_each(|(y, x)| {
             let sum: f64 = x.iter().map(|&v| f64::from(v * v)).sum();
@@ -279,6 +288,25 @@ fn attend_entry(
                 ps => unreachable!("page size {ps} is checked at engine start"),
             }
         };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::avx512_vnni() {
+        // A page of 16 keys' scores is one 512-bit register per head.
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        fn fast512<const PS: usize, const G: usize>(
+            g: &AttnGeom<'_>,
+            pages: &[&[f32]],
+            kvh: usize,
+            q: &[f32],
+            pos: usize,
+            out: &mut [f32],
+        ) {
+            attend::<PS, G>(g, pages, kvh, q, pos, out)
+        }
+        // SAFETY: `fast512` needs AVX-512F, AVX2 and FMA, which
+        // `avx512_vnni` confirmed.
+        unsafe { by_page_size!(fast512) };
+        return;
     }
     #[cfg(target_arch = "x86_64")]
     if crate::simd::avx2_fma() {

@@ -35,9 +35,9 @@
 //! order, and the fix-ups are the same on every path, so the invariance
 //! holds here too (it is not the F32 weights' arithmetic, nor meant to
 //! be). Threads split the panels; each runs its panels against tiles of up
-//! to [`QROWS`] rows (a decode step's rows in one tile: a block's bytes are
-//! unpacked once for all of them, and each row costs 8 `vpdpbusd`s a block
-//! where the F32 path needs 32 FMAs), writing its columns of `Y` in place.
+//! to [`QROWS`] rows (a block's bytes are unpacked once per tile, and each
+//! row costs 8 `vpdpbusd`s a block where the F32 path needs 32 FMAs),
+//! writing its columns of `Y` in place.
 
 use crate::quant::{self, QBlock, QRows, Q41, Q80, QK};
 use rayon::prelude::*;
@@ -293,8 +293,35 @@ pub(crate) fn matmul_with(x: &[f32], m: usize, w: &Packed, y: &mut [f32], isa: I
     let per_task = panels.div_ceil(rayon::current_num_threads() * 4).max(1);
     match &w.data {
         Data::F32(v) => f32_matmul(x, m, n, k, v, y, per_task, isa),
-        Data::Q41(b) => quant_matmul(x, m, n, k, b, y, per_task, isa),
-        Data::Q80(b) => quant_matmul(x, m, n, k, b, y, per_task, isa),
+        Data::Q41(b) => quant_matmul(x, n, k, b, y.chunks_exact_mut(n).collect(), per_task, isa),
+        Data::Q80(b) => quant_matmul(x, n, k, b, y.chunks_exact_mut(n).collect(), per_task, isa),
+    }
+}
+
+/// [`matmul`] into rows that need not be contiguous (`ys[i]`, `n` long, is
+/// row `i` of `y`): the logits, each straight into the buffer it is
+/// returned in (not 200 KB a row to fill, then copy out).
+pub(crate) fn matmul_rows(x: &[f32], w: &Packed, ys: Vec<&mut [f32]>) {
+    let (n, k, m) = (w.n, w.k, ys.len());
+    assert_eq!(x.len(), m * k, "x is not {m}x{k}");
+    assert!(ys.iter().all(|r| r.len() == n), "a row is not {n} long");
+    if m == 0 {
+        return;
+    }
+    let isa = Isa::best();
+    let per_task = (n / PANEL)
+        .div_ceil(rayon::current_num_threads() * 4)
+        .max(1);
+    match &w.data {
+        Data::F32(_) => {
+            let mut y = vec![0.0; m * n];
+            matmul_with(x, m, w, &mut y, isa);
+            for (r, o) in ys.into_iter().zip(y.chunks_exact(n)) {
+                r.copy_from_slice(o);
+            }
+        }
+        Data::Q41(b) => quant_matmul(x, n, k, b, ys, per_task, isa),
+        Data::Q80(b) => quant_matmul(x, n, k, b, ys, per_task, isa),
     }
 }
 
@@ -345,20 +372,19 @@ fn f32_matmul(
 
 /// The quantized kernels: `X` quantized row by row (see `quant`), then
 /// each task's panels against every tile of rows, written in place into
-/// its columns of each row of `y`.
-#[allow(clippy::too_many_arguments)]
+/// its columns of each row of `Y` (`rows`, `n` long each).
 fn quant_matmul<B: quant::Kernel>(
     x: &[f32],
-    m: usize,
     n: usize,
     k: usize,
     b: &[B],
-    y: &mut [f32],
+    rows: Vec<&mut [f32]>,
     per_task: usize,
     isa: Isa,
 ) {
+    let m = rows.len();
     let xq = quant::quantize_rows(x, k, isa == Isa::Avx512);
-    let mut segments = row_segments(y, n, m, per_task * PANEL);
+    let mut segments = row_segments(rows, n, per_task * PANEL);
     let xq = &xq;
     segments
         .par_chunks_mut(m)
@@ -366,11 +392,12 @@ fn quant_matmul<B: quant::Kernel>(
         .for_each(|(out, wp)| quant_entry(xq, m, k, wp, out, isa));
 }
 
-/// `y` (`m` rows of `n`) cut in stretches of `cols` columns: task `t`'s
+/// The `m` rows (of `n`) cut in stretches of `cols` columns: task `t`'s
 /// stretch of row `r` at `t × m + r`, so that `par_chunks_mut(m)` hands
 /// each task its columns of every row.
-fn row_segments(y: &mut [f32], n: usize, m: usize, cols: usize) -> Vec<&mut [f32]> {
-    let mut rows: Vec<_> = y.chunks_exact_mut(n).map(|r| r.chunks_mut(cols)).collect();
+fn row_segments(rows: Vec<&mut [f32]>, n: usize, cols: usize) -> Vec<&mut [f32]> {
+    let m = rows.len();
+    let mut rows: Vec<_> = rows.into_iter().map(|r| r.chunks_mut(cols)).collect();
     let tasks = n.div_ceil(cols);
     let mut segments = Vec::with_capacity(tasks * m);
     for _ in 0..tasks {
@@ -382,10 +409,10 @@ fn row_segments(y: &mut [f32], n: usize, m: usize, cols: usize) -> Vec<&mut [f32
     segments
 }
 
-/// Rows of `X` per tile of the quantized kernels: a decode step's rows are
-/// one tile (each block's bytes unpacked once for all of them), a
-/// prefill's many tiles over a panel that stays in L1.
-const QROWS: usize = 8;
+/// Rows of `X` per tile of the quantized kernels: each block's bytes are
+/// unpacked once for a tile's rows, and the panel stays in L1 while the
+/// tiles pass it (a decode step of 8 rows is two tiles).
+const QROWS: usize = 4;
 
 /// The quantized panels in `wp` against all `m` rows, into `out` (this
 /// task's stretch of each row), on the kernels of `isa`.
@@ -428,10 +455,6 @@ fn quant_avx2<B: quant::Kernel>(xq: &QRows, m: usize, k: usize, wp: &[B], out: &
 fn quant_512<B: quant::Kernel>(xq: &QRows, m: usize, k: usize, wp: &[B], out: &mut [&mut [f32]]) {
     use quant::avx512::dot_rows;
     quant_panels(m, k, wp, out, |r0, rows, panel, o| match rows {
-        8 => dot_rows::<B, 8>(xq, r0, panel, o),
-        7 => dot_rows::<B, 7>(xq, r0, panel, o),
-        6 => dot_rows::<B, 6>(xq, r0, panel, o),
-        5 => dot_rows::<B, 5>(xq, r0, panel, o),
         4 => dot_rows::<B, 4>(xq, r0, panel, o),
         3 => dot_rows::<B, 3>(xq, r0, panel, o),
         2 => dot_rows::<B, 2>(xq, r0, panel, o),
