@@ -179,17 +179,7 @@ fn forward_in_pool(
         act.par_chunks_mut(c.ffn)
             .with_min_len(PAR_ROWS / 2)
             .zip(gu.par_chunks(2 * c.ffn))
-            .for_each(|(a, g)| {
-                // SiLU(gate) × up: e^-gate first, eight at a time.
-                let (gate, up) = g.split_at(c.ffn);
-                for (a, &g) in a.iter_mut().zip(gate) {
-                    *a = -g;
-                }
-                exp_sub(a, 0.0);
-                for ((a, &g), &u) in a.iter_mut().zip(gate).zip(up) {
-                    *a = g / (1.0 + *a) * u;
-                }
-            });
+            .for_each(|(a, g)| silu_entry(a, g));
         matmul(&act, m, &layer.down, &mut proj);
         add(&mut x, &proj);
     }
@@ -238,6 +228,45 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
                 *y = (x * s) * w;
             }
         });
+}
+
+/// `a = SiLU(gate) × up` for one row (`g` is its gate, then its up), with
+/// AVX-512 or AVX2 where the CPU has them (the same divisions and
+/// products, so the same results; see `simd`).
+fn silu_entry(a: &mut [f32], g: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::avx512_vnni() {
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        fn fast512(a: &mut [f32], g: &[f32]) {
+            silu(a, g)
+        }
+        // SAFETY: `fast512` needs AVX-512F, AVX2 and FMA, which
+        // `avx512_vnni` confirmed.
+        return unsafe { fast512(a, g) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::avx2_fma() {
+        #[target_feature(enable = "avx2,fma")]
+        fn fast(a: &mut [f32], g: &[f32]) {
+            silu(a, g)
+        }
+        // SAFETY: `fast` needs AVX2 and FMA, which `avx2_fma` confirmed.
+        return unsafe { fast(a, g) };
+    }
+    silu(a, g)
+}
+
+#[inline(always)]
+fn silu(a: &mut [f32], g: &[f32]) {
+    // e^-gate first, eight at a time.
+    let (gate, up) = g.split_at(a.len());
+    for (a, &g) in a.iter_mut().zip(gate) {
+        *a = -g;
+    }
+    exp_sub(a, 0.0);
+    for ((a, &g), &u) in a.iter_mut().zip(gate).zip(up) {
+        *a = g / (1.0 + *a) * u;
+    }
 }
 
 fn add(x: &mut [f32], y: &[f32]) {
