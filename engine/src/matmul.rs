@@ -238,9 +238,9 @@ fn quant_row<B: QBlock>(panel: &[B], j: usize, out: &mut [f32]) {
     }
 }
 
-/// Which kernels run: the scalar ones; AVX2 + FMA (the F32 kernel, and the
-/// scalar quantized code compiled for them); or those and the AVX-512 VNNI
-/// quantized kernel. All give the same bits.
+/// Which kernels run: the scalar ones; AVX2 + FMA (the F32 kernel, and
+/// the quantized one on `vpmaddubsw`); or the AVX-512 VNNI quantized kernel
+/// (with the AVX2 F32 one). All give the same bits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Isa {
     Scalar,
@@ -440,12 +440,16 @@ fn quant_entry<B: quant::Kernel>(
     })
 }
 
-/// The scalar quantized code, compiled for AVX2 and FMA (same results).
+/// The AVX2 kernel, a tile of up to [`QROWS`] rows at a time.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn quant_avx2<B: quant::Kernel>(xq: &QRows, m: usize, k: usize, wp: &[B], out: &mut [&mut [f32]]) {
-    quant_panels(m, k, wp, out, |r0, rows, panel, o| {
-        quant::dot_rows(xq, r0, rows, panel, o)
+    use quant::avx2::dot_rows;
+    quant_panels(m, k, wp, out, |r0, rows, panel, o| match rows {
+        4 => dot_rows::<B, 4>(xq, r0, panel, o),
+        3 => dot_rows::<B, 3>(xq, r0, panel, o),
+        2 => dot_rows::<B, 2>(xq, r0, panel, o),
+        _ => dot_rows::<B, 1>(xq, r0, panel, o),
     })
 }
 

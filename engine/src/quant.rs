@@ -20,8 +20,8 @@
 //!
 //! over the blocks of `k` in order from zero. Integer sums are exact in
 //! any order and the `f32` steps are the same per element on every path
-//! (the AVX-512 VNNI kernel, and the scalar code compiled plain or for
-//! AVX2), so an output never depends on the batch size, the tile, the
+//! (the AVX-512 VNNI kernel, the AVX2 one, the scalar code), so an output
+//! never depends on the batch size, the tile, the
 //! thread or the kernel: batch invariance holds as it does for the F32
 //! path's in-order FMA chains (see `matmul`). It is not the arithmetic of
 //! the F32 weights (the activations are rounded to 8 bits; the F32 weights
@@ -238,12 +238,12 @@ pub(crate) fn f16_to_f32(h: u16) -> f32 {
     f32::from_bits(bits)
 }
 
-/// What the matmul needs of a block format: on x86-64, its AVX-512 kernel
-/// too.
+/// What the matmul needs of a block format: on x86-64, its AVX-512 and
+/// AVX2 kernels too.
 #[cfg(target_arch = "x86_64")]
-pub(crate) trait Kernel: avx512::Vnni {}
+pub(crate) trait Kernel: avx512::Vnni + avx2::Dot {}
 #[cfg(target_arch = "x86_64")]
-impl<T: avx512::Vnni> Kernel for T {}
+impl<T: avx512::Vnni + avx2::Dot> Kernel for T {}
 #[cfg(not(target_arch = "x86_64"))]
 pub(crate) trait Kernel: QBlock {}
 #[cfg(not(target_arch = "x86_64"))]
@@ -505,6 +505,151 @@ pub(crate) mod avx512 {
             out.d[i] = d;
             out.sum[i] = sum;
             out.s[i] = d * sum as f32;
+        }
+    }
+}
+
+/// The AVX2 kernel, for CPUs without AVX-512 VNNI: the integer sums with
+/// `vpmaddubsw` (unsigned × signed bytes, pairs summed to `i16`) and
+/// `vpmaddwd` (to `i32`), then the scalar code's fix-ups, lane for lane.
+/// The sums are exact (no `i16` saturates: see each format), so they are
+/// the scalar code's integers, and the results its bits. Every function
+/// here carries AVX2 and FMA; callers check them with `simd::avx2_fma`
+/// first.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2 {
+    use super::{QBlock, QRows, Q41, Q80, QK};
+    use crate::matmul::PANEL;
+    use std::arch::x86_64::*;
+
+    /// A block's bytes for `vpmaddubsw`, per format.
+    pub(crate) trait Dot: QBlock {
+        /// Half `h`'s (columns `8h .. 8h + 8`) group `g`: per column, the
+        /// bytes at `k = 4g .. 4g + 4`.
+        ///
+        /// # Safety
+        /// The CPU must have AVX2 and FMA.
+        unsafe fn groups(&self, h: usize) -> [__m256i; 8];
+        /// Per column of the half, `Σ w × x` over the block, `x` the 8
+        /// groups of 4 activation bytes.
+        ///
+        /// # Safety
+        /// As for [`Dot::groups`].
+        unsafe fn dot(w: &[__m256i; 8], x: &[i32; 8]) -> __m256i;
+    }
+
+    /// Eight `u32`s.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn load_u32(a: &[u32; PANEL], h: usize) -> __m256i {
+        let a = &a[8 * h..][..8];
+        // SAFETY: `a` is 8 readable `u32`s (32 bytes); the load is unaligned.
+        unsafe { _mm256_loadu_si256(a.as_ptr().cast()) }
+    }
+
+    impl Dot for Q41 {
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn groups(&self, h: usize) -> [__m256i; 8] {
+            let mask = _mm256_set1_epi8(0x0F);
+            let q = self.q.map(|w| load_u32(&w, h));
+            // Low nibbles: k = 4w + b; high: k = 16 + 4w + b.
+            let mut out = [_mm256_setzero_si256(); 8];
+            for (w, q) in q.into_iter().enumerate() {
+                out[w] = _mm256_and_si256(q, mask);
+                out[w + 4] = _mm256_and_si256(_mm256_srli_epi32::<4>(q), mask);
+            }
+            out
+        }
+
+        /// Nibbles (≤ 15) times bytes (≥ -127): a pair is at most 3810 in
+        /// size, all 8 groups' pairs 30480, inside `i16`.
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn dot(w: &[__m256i; 8], x: &[i32; 8]) -> __m256i {
+            let mut pairs = _mm256_setzero_si256();
+            for (w, &x) in w.iter().zip(x) {
+                let p = _mm256_maddubs_epi16(*w, _mm256_set1_epi32(x));
+                pairs = _mm256_add_epi16(pairs, p);
+            }
+            _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+        }
+    }
+
+    impl Dot for Q80 {
+        /// The signed values (the stored bytes less 128).
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn groups(&self, h: usize) -> [__m256i; 8] {
+            let bias = _mm256_set1_epi8(-128);
+            self.q.map(|w| _mm256_xor_si256(load_u32(&w, h), bias))
+        }
+
+        /// `|w| × (x with w's sign)`: `|w|` ≤ 128 unsigned, the other at
+        /// most 127 in size, a pair at most 32512, inside `i16`.
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn dot(w: &[__m256i; 8], x: &[i32; 8]) -> __m256i {
+            let ones = _mm256_set1_epi16(1);
+            let mut sum = _mm256_setzero_si256();
+            for (w, &x) in w.iter().zip(x) {
+                let x = _mm256_sign_epi8(_mm256_set1_epi32(x), *w);
+                let p = _mm256_maddubs_epi16(_mm256_abs_epi8(*w), x);
+                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, ones));
+            }
+            sum
+        }
+    }
+
+    /// `R` rows of `x` (from row `r0`) against one whole panel (`blocks`:
+    /// all of `k`), into `out` (`R × PANEL`): [`super::dot_rows`]'s values,
+    /// one half of the panel at a time.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) fn dot_rows<B: Dot, const R: usize>(
+        x: &QRows,
+        r0: usize,
+        blocks: &[B],
+        out: &mut [f32],
+    ) {
+        let nb = blocks.len();
+        for h in 0..2 {
+            let mut acc = [_mm256_setzero_ps(); R];
+            for (b, blk) in blocks.iter().enumerate() {
+                // SAFETY: this function has the features `Dot` needs.
+                let w = unsafe { blk.groups(h) };
+                let mut dw = [0.0f32; 8];
+                let mut mw = [0.0f32; 8];
+                for j in 0..8 {
+                    (dw[j], mw[j]) = blk.scales(8 * h + j);
+                }
+                // SAFETY: `dw` and `mw` are 8 readable `f32`s each.
+                let (dw, mw) =
+                    unsafe { (_mm256_loadu_ps(dw.as_ptr()), _mm256_loadu_ps(mw.as_ptr())) };
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let i = (r0 + r) * nb + b;
+                    let xq = &x.q[i * QK..][..QK];
+                    let x4: [i32; 8] = std::array::from_fn(|g| {
+                        i32::from_le_bytes([
+                            xq[4 * g] as u8,
+                            xq[4 * g + 1] as u8,
+                            xq[4 * g + 2] as u8,
+                            xq[4 * g + 3] as u8,
+                        ])
+                    });
+                    // SAFETY: as above.
+                    let sumi = unsafe { B::dot(&w, &x4) };
+                    let t = _mm256_mul_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(x.d[i]));
+                    *a = _mm256_fmadd_ps(dw, t, *a);
+                    if B::MIN {
+                        *a = _mm256_fmadd_ps(mw, _mm256_set1_ps(x.s[i]), *a);
+                    }
+                }
+            }
+            for (o, a) in out.chunks_exact_mut(PANEL).zip(&acc) {
+                let o = &mut o[8 * h..][..8];
+                // SAFETY: `o` is 8 writable `f32`s; the store is unaligned.
+                unsafe { _mm256_storeu_ps(o.as_mut_ptr(), *a) };
+            }
         }
     }
 }

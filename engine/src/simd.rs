@@ -6,10 +6,11 @@
 //! function (where LLVM vectorizes them), picked by [`avx2_fma`]. Both
 //! compute the same FMAs in the same order (`mul_add` is an exact fused
 //! multiply-add either way), so results never depend on which one ran:
-//! only speed does. The quantized matmul's scalar code is compiled that
-//! way too; its AVX-512 VNNI kernel (see [`avx512_vnni`]) and `exp` are
-//! written twice instead, as intrinsics and as a scalar reference, with
-//! the same operations per value; tests hold the two to the same bits.
+//! only speed does. The quantized matmul (its AVX2 and AVX-512 VNNI
+//! kernels: see [`avx512_vnni`]) and `exp` are written more than once
+//! instead, as intrinsics and as a scalar reference, with the same
+//! operations per value (and exact integer sums); tests hold them to the
+//! same bits.
 
 use std::sync::OnceLock;
 
