@@ -4,9 +4,11 @@
 //! recomputed.
 //!
 //! - [`Model`] reads the GGUF (candle's reader), keeps its Q4_1 and Q8_0
-//!   weights quantized (the matmul dequantizes them as it goes, to exactly
-//!   the F32 values candle's dequantizer gives) and runs the llama forward
-//!   written here (RMSNorm, RoPE, grouped-query attention, SwiGLU) with a
+//!   weights quantized (the matmul multiplies them by activations
+//!   quantized to 8 bits per block, in exact integer dot products, as
+//!   llama.cpp does; `EngineConfigBuilder::f32_weights` loads them as F32
+//!   for exact F32 arithmetic instead) and runs the llama forward written
+//!   here (RMSNorm, RoPE, grouped-query attention, SwiGLU) with a
 //!   batch-invariant matmul.
 //! - [`Tokenizer`] is the model's byte-level BPE, built from the GGUF.
 //! - [`Engine`] looks each prompt up in the [`Cache`](cache_server::Cache),
