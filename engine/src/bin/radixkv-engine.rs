@@ -67,6 +67,11 @@ struct ServeArgs {
     /// Threads of the forward pass (default: rayon's, one per core).
     #[arg(long)]
     threads: Option<usize>,
+    /// Dequantize the weights to F32 at load and compute in exact F32
+    /// (about six times the bytes per decode step, slower) instead of
+    /// multiplying the file's quantized weights by 8-bit activations.
+    #[arg(long)]
+    f32_weights: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -85,7 +90,8 @@ fn main() -> anyhow::Result<()> {
     let mut config = EngineConfig::builder()
         .model_path(args.model.unwrap_or_else(default_model_path))
         .page_size(args.page_size)
-        .host_bytes(args.cache_mib << 20);
+        .host_bytes(args.cache_mib << 20)
+        .f32_weights(args.f32_weights);
     if let Some(target) = &args.remote {
         config = config.remote(target, args.token.clone());
     }
