@@ -29,35 +29,24 @@ pub fn model_path() -> Option<PathBuf> {
 /// `None` (with a message) when the model is not fetched.
 pub fn engine() -> Option<&'static Arc<Engine>> {
     static ENGINE: OnceLock<Option<Arc<Engine>>> = OnceLock::new();
-    ENGINE
-        .get_or_init(|| {
-            let path = model_path()?;
-            let config = EngineConfig::builder()
-                .model_path(path)
-                .host_bytes(256 << 20)
-                .build()
-                .expect("config");
-            Some(Arc::new(Engine::load(config).expect("the model loads")))
-        })
-        .as_ref()
+    ENGINE.get_or_init(|| load(256 << 20, false)).as_ref()
 }
 
 /// As [`engine`], on F32 weights (exact F32 arithmetic), for tests against
 /// a float reference.
 pub fn f32_engine() -> Option<&'static Arc<Engine>> {
     static ENGINE: OnceLock<Option<Arc<Engine>>> = OnceLock::new();
-    ENGINE
-        .get_or_init(|| {
-            let path = model_path()?;
-            let config = EngineConfig::builder()
-                .model_path(path)
-                .host_bytes(64 << 20)
-                .f32_weights(true)
-                .build()
-                .expect("config");
-            Some(Arc::new(Engine::load(config).expect("the model loads")))
-        })
-        .as_ref()
+    ENGINE.get_or_init(|| load(64 << 20, true)).as_ref()
+}
+
+fn load(host_bytes: usize, f32_weights: bool) -> Option<Arc<Engine>> {
+    let config = EngineConfig::builder()
+        .model_path(model_path()?)
+        .host_bytes(host_bytes)
+        .f32_weights(f32_weights)
+        .build()
+        .expect("config");
+    Some(Arc::new(Engine::load(config).expect("the model loads")))
 }
 
 /// `data/engine/smollm2_vectors.json`.
