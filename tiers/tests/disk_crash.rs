@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use tiers::disk::{DiskPool, DiskPoolConfig};
 use tiers::io::{AlignedBuf, RealIo};
-use tiers::{BlockGeometry, BlockPool, SlotId, TierError};
+use tiers::{BlockGeometry, BlockPool, BlockWrite, SlotId, TierError};
 
 const CHILD_DIR: &str = "RADIXKV_DISK_CRASH_CHILD";
 const CHILD_LOG: &str = "RADIXKV_DISK_CRASH_LOG";
@@ -144,6 +144,44 @@ fn crash_child_writer() {
                         say(&mut l, format!("f {} {old}\n", slot.0));
                         pool.free(slot);
                         say(&mut l, format!("F {} {old}\n", slot.0));
+                        continue;
+                    }
+                    if rng % 3 == 0 {
+                        // A batch of adjacent (or not) slots through
+                        // `write_many`, as the mover demotes: each block is
+                        // journaled only after the I/O that carried it.
+                        let n = 2 + (rng >> 16) as usize % 7;
+                        let mut batch: Vec<(SlotId, u64, AlignedBuf)> = Vec::new();
+                        {
+                            let mut l = log.lock().unwrap();
+                            for i in 0..n as u64 {
+                                let Ok(slot) = pool.allocate() else { break };
+                                let tag = tag | (i << 24);
+                                say(&mut l, format!("B {} {tag}\n", slot.0));
+                                let mut buf = AlignedBuf::zeroed(BLOCK);
+                                buf.copy_from_slice(&block_bytes(slot, tag));
+                                batch.push((slot, tag, buf));
+                            }
+                        }
+                        let metas: Vec<Vec<u8>> =
+                            batch.iter().map(|(_, tag, _)| meta_of(*tag)).collect();
+                        let writes: Vec<BlockWrite<'_>> = batch
+                            .iter()
+                            .zip(&metas)
+                            .map(|((slot, _, buf), meta)| BlockWrite {
+                                slot: *slot,
+                                data: buf,
+                                meta,
+                            })
+                            .collect();
+                        for r in pool.write_many(&writes) {
+                            r.unwrap();
+                        }
+                        let mut l = log.lock().unwrap();
+                        for (slot, tag, _) in batch {
+                            say(&mut l, format!("W {} {tag}\n", slot.0));
+                            mine.push((slot, tag));
+                        }
                         continue;
                     }
                     let slot = {
