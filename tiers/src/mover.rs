@@ -108,8 +108,8 @@ impl Mover {
 
     /// Runs one move on the calling thread.
     pub fn move_now(m: &Move) -> Result<SlotId> {
-        let mut buf = vec![0u8; m.from.geometry().block_bytes];
-        copy_one(m, &mut buf)
+        let mut results = copy_group(std::slice::from_ref(m), &mut Vec::new());
+        results.pop().expect("copy_group answers every move")
     }
 }
 
@@ -198,21 +198,4 @@ fn copy_group(group: &[Move], buf: &mut Vec<u8>) -> Vec<Result<SlotId>> {
             }
         })
         .collect()
-}
-
-fn copy_one(m: &Move, buf: &mut [u8]) -> Result<SlotId> {
-    if m.from.geometry().block_bytes != m.to.geometry().block_bytes {
-        return Err(TierError::WrongLength {
-            got: m.from.geometry().block_bytes,
-            expected: m.to.geometry().block_bytes,
-        });
-    }
-    let dest = m.to.allocate()?;
-    match m.from.copy_into(m.slot, &*m.to, dest, &m.meta, buf) {
-        Ok(()) => Ok(dest),
-        Err(e) => {
-            m.to.free(dest);
-            Err(e)
-        }
-    }
 }

@@ -631,10 +631,10 @@ impl Cache {
         }
     }
 
-    /// Frees up to `pages` slots of `tier`: copies without a lower copy move
-    /// down first (write-back), the rest are dropped. Returns slots freed.
     /// Frees slots on `tier` until `want` are free (or nothing more can
-    /// go), evicting at least a batch at a time. Returns the free slots.
+    /// go), evicting at least a batch at a time: copies without a lower copy
+    /// move down first (write-back), the rest are dropped. Returns the slots
+    /// found free or freed (0: nothing could go).
     fn make_room(&self, tier: Tier, want: usize) -> Result<usize> {
         // One demoter per tier: only this function drops copies of a tier
         // that has a tier below it, so while it copies a block down, nothing
