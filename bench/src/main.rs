@@ -147,6 +147,10 @@ struct PolicyLabArgs {
     /// List the candidates and exit.
     #[arg(long)]
     list: bool,
+    /// Also print, per candidate and capacity, the hit rate of first
+    /// returns, second returns, ... (which reuse each policy catches).
+    #[arg(long)]
+    by_use: bool,
 }
 
 fn main() -> Result<()> {
@@ -275,7 +279,15 @@ fn run_policy_lab(args: &PolicyLabArgs) -> Result<()> {
         args.policy.split(',').map(str::trim).collect()
     };
     let source = args.source.load(args.block_tokens)?;
-    let w = policy_lab::World::new(&source.trace.as_tokens()?);
+    let w = policy_lab::World::with_output(
+        &source.trace.as_tokens()?,
+        source
+            .trace
+            .requests
+            .iter()
+            .map(|r| r.output_length)
+            .collect(),
+    );
     for name in &names {
         if policy_lab::candidate(name, &w, 1).is_none() {
             bail!("unknown candidate {name:?}; `bench policy-lab --list` names them");
@@ -296,16 +308,39 @@ fn run_policy_lab(args: &PolicyLabArgs) -> Result<()> {
         print!(" {:>7}", c.label);
     }
     println!("   of belady at each");
+    let mut by_use = Vec::new();
     for name in &names {
         print!("{name:18}");
         let mut ratios = Vec::new();
         for (c, b) in caps.iter().zip(&bound) {
             let mut p = policy_lab::candidate(name, &w, c.blocks).expect("checked above");
-            let r = policy_lab::simulate(&w, p.as_mut(), c.blocks).hit_rate();
+            let res = policy_lab::simulate(&w, p.as_mut(), c.blocks);
+            let r = res.hit_rate();
             print!(" {r:7.3}");
             ratios.push(format!("{:.3}", r / b.max(f64::MIN_POSITIVE)));
+            by_use.push((name, &c.label, res.by_use));
         }
         println!("   {}", ratios.join(" "));
+    }
+    if args.by_use {
+        println!("\nhit rate by the family's use number (return 1 = its second request)");
+        print!("{:18} {:>8}", "candidate", "capacity");
+        for k in 1..policy_lab::USE_SLOTS {
+            let plus = if k + 1 == policy_lab::USE_SLOTS {
+                "+"
+            } else {
+                " "
+            };
+            print!("  return {k}{plus}");
+        }
+        println!();
+        for (name, cap, slots) in by_use {
+            print!("{name:18} {cap:>8}");
+            for (hit, blocks) in &slots[1..] {
+                print!(" {:>10.3}", *hit as f64 / (*blocks).max(1) as f64);
+            }
+            println!();
+        }
     }
     Ok(())
 }
