@@ -997,6 +997,100 @@ impl LabPolicy for FittedShapeTable {
     }
 }
 
+
+/// Least hit density (Beckmann et al., NSDI '18): per class and age
+/// (requests since the block's last use), the blocks hit and evicted at
+/// that age are counted online (decaying by 0.9 every 50 requests); a
+/// block's rank is its class's expected hits over expected remaining
+/// lifetime, given that it reached its age. Classes: the family's uses
+/// (1, 2, 3+) × its latest output length (under 16, under 128, more
+/// tokens), and known tails. Few classes on purpose: finer ones (as in
+/// `shape-rate-out`) leave each age's counts too sparse.
+#[derive(Debug)]
+pub struct Lhd {
+    hist: History,
+    block_class: Vec<u8>,
+    hits: Vec<f64>,
+    evictions: Vec<f64>,
+    density: Vec<f64>,
+}
+
+const LHD_CLASSES: usize = 10;
+const LHD_TAIL: usize = LHD_CLASSES - 1;
+const LHD_AGES: usize = 512;
+const LHD_AGE_WIDTH: usize = 8;
+
+impl Lhd {
+    pub fn new(w: &World) -> Self {
+        let n = LHD_CLASSES * LHD_AGES;
+        Self {
+            hist: History::new(w),
+            block_class: vec![0; w.blocks()],
+            hits: vec![0.0; n],
+            evictions: vec![0.0; n],
+            density: vec![1.0; n],
+        }
+    }
+
+    fn slot(&self, w: &World, b: usize, t: usize) -> usize {
+        let class = if self.hist.is_tail(w, b) {
+            LHD_TAIL
+        } else {
+            usize::from(self.block_class[b])
+        };
+        let age = (t - self.hist.block_last[b] as usize) / LHD_AGE_WIDTH;
+        class * LHD_AGES + age.min(LHD_AGES - 1)
+    }
+
+    fn refresh(&mut self) {
+        for c in 0..LHD_CLASSES {
+            let (mut hits, mut events, mut life) = (0.0, 0.0, 0.0);
+            for a in (0..LHD_AGES).rev() {
+                let i = c * LHD_AGES + a;
+                hits += self.hits[i];
+                events += self.hits[i] + self.evictions[i];
+                life += events;
+                self.density[i] = (hits + 1e-3) / (life + 1.0);
+                self.hits[i] *= 0.9;
+                self.evictions[i] *= 0.9;
+            }
+        }
+    }
+}
+
+impl LabPolicy for Lhd {
+    fn on_request(&mut self, w: &World, t: usize, req: &[u32], hit: usize) {
+        for &b in &req[..hit] {
+            let i = self.slot(w, b as usize, t);
+            self.hits[i] += 1.0;
+        }
+        self.hist.record(w, t, req);
+        let f = w.root[req[0] as usize] as usize;
+        let uses = self.hist.fam_uses[f].min(3) as usize - 1;
+        let out = match w.output[t] {
+            0..16 => 0,
+            16..128 => 1,
+            _ => 2,
+        };
+        for &b in req {
+            self.block_class[b as usize] = (uses * 3 + out) as u8;
+        }
+        if t % 50 == 0 {
+            self.refresh();
+        }
+    }
+    fn key(&self, w: &World, b: u32, t: usize) -> u64 {
+        fkey(self.density[self.slot(w, b as usize, t)])
+    }
+    fn on_evict(&mut self, w: &World, b: u32, _: u64, t: usize) {
+        let i = self.slot(w, b as usize, t);
+        self.evictions[i] += 1.0;
+    }
+    fn dynamic(&self) -> bool {
+        true
+    }
+}
+
 // ---- the command ---------------------------------------------------------------
 
 /// Candidates by name, with what each is (for `--help` and reports).
@@ -1076,6 +1170,7 @@ pub fn candidate(name: &str, w: &World, capacity: u64) -> Option<Box<dyn LabPoli
         "shape-rate" => Box::new(ShapeRateLru::new(w, false)),
         "fitted-shape" => Box::new(FittedShapeTable::new(w, 100)),
         "shape-rate-out" => Box::new(ShapeRateLru::new(w, true)),
+        "lhd" => Box::new(Lhd::new(w)),
         "fitted-table" => Box::new(FittedTable::new(w, 100)),
         "oracle-after-2" => Box::new(OracleCount::new(w, true)),
         "oracle-count" => Box::new(OracleCount::new(w, false)),
