@@ -312,22 +312,20 @@ impl History {
     }
 }
 
-/// Arrival rate per family count class, learned online: arrivals of
-/// families in class `k` over the time families spent in class `k`
-/// (Nelson–Aalen; the maximum-likelihood rate of exponential waits).
+/// Arrival rate per family class, learned online: arrivals of families in
+/// class `c` over the time families spent in class `c` (Nelson–Aalen; the
+/// maximum-likelihood rate of exponential waits). A family moves between
+/// classes as it arrives.
 #[derive(Debug, Clone)]
-struct ClassRates {
+struct RateTable {
     in_class: Vec<f64>,
     arrivals: Vec<f64>,
     exposure: Vec<f64>,
     last_t: usize,
 }
 
-const CLASSES: u32 = 8;
-
-impl ClassRates {
-    fn new() -> Self {
-        let n = CLASSES as usize + 1;
+impl RateTable {
+    fn new(n: usize) -> Self {
         Self {
             in_class: vec![0.0; n],
             arrivals: vec![0.0; n],
@@ -336,26 +334,51 @@ impl ClassRates {
         }
     }
 
-    /// Family used `uses_before` times so far arrives at `t`.
-    fn arrive(&mut self, t: usize, uses_before: u32) {
+    /// A family in class `from` (none: first seen) arrives at `t` and moves to `to`.
+    fn arrive(&mut self, t: usize, from: Option<usize>, to: usize) {
         let dt = (t - self.last_t) as f64;
         for (e, n) in self.exposure.iter_mut().zip(&self.in_class) {
             *e += n * dt;
         }
         self.last_t = t;
-        if uses_before > 0 {
-            let c = uses_before.min(CLASSES) as usize;
+        if let Some(c) = from {
             self.arrivals[c] += 1.0;
             self.in_class[c] -= 1.0;
         }
-        self.in_class[(uses_before + 1).min(CLASSES) as usize] += 1.0;
+        self.in_class[to] += 1.0;
     }
 
-    /// The class's rate, shrunk toward the pooled rate by one pseudo-arrival.
-    fn rate(&self, c: usize) -> f64 {
-        let pooled =
-            (self.arrivals.iter().sum::<f64>() + 1.0) / (self.exposure.iter().sum::<f64>() + 1.0);
-        (self.arrivals[c] + 1.0) / (self.exposure[c] + 1.0 / pooled)
+    fn pooled(&self, classes: std::ops::Range<usize>) -> f64 {
+        (self.arrivals[classes.clone()].iter().sum::<f64>() + 1.0)
+            / (self.exposure[classes].iter().sum::<f64>() + 1.0)
+    }
+
+    /// The class's rate, shrunk toward `prior` by one pseudo-arrival.
+    fn rate(&self, c: usize, prior: f64) -> f64 {
+        (self.arrivals[c] + 1.0) / (self.exposure[c] + 1.0 / prior)
+    }
+}
+
+/// Use-count classes of families: 1, 2, ... `CLASSES` and more.
+const CLASSES: u32 = 8;
+
+/// The residence time of once-used blocks: a moving average of the age at
+/// which they are evicted (in requests).
+#[derive(Debug, Clone, Copy)]
+struct Residence(f64);
+
+impl Default for Residence {
+    fn default() -> Self {
+        Self(100.0)
+    }
+}
+
+impl Residence {
+    fn on_evict(&mut self, hist: &History, w: &World, b: u32, t: usize) {
+        let (k, last) = hist.class(w, b as usize, CLASSES);
+        if k == 1 {
+            self.0 = 0.99 * self.0 + 0.01 * (t - last as usize) as f64;
+        }
     }
 }
 
@@ -546,33 +569,45 @@ pub struct FittedTable {
 
 impl FittedTable {
     pub fn new(w: &World, horizon: usize) -> Self {
-        let mut arrivals: Vec<Vec<u32>> = vec![Vec::new(); w.blocks()];
-        for (t, r) in w.reqs.iter().enumerate() {
-            arrivals[w.root[r[0] as usize] as usize].push(t as u32);
-        }
         let n = (CLASSES as usize + 1) * IDLE_BUCKETS;
-        let (mut sum, mut count) = (vec![0f64; n], vec![0f64; n]);
-        for t in (0..w.reqs.len().saturating_sub(horizon)).step_by(25) {
-            for v in arrivals
-                .iter()
-                .filter(|v| v.first().is_some_and(|&a| a as usize <= t))
-            {
-                let j = v.partition_point(|&x| x as usize <= t);
-                let st = Hazard::state(j as u32, t - v[j - 1] as usize);
-                sum[st] += (v.partition_point(|&x| x as usize <= t + horizon) - j) as f64;
-                count[st] += 1.0;
-            }
-        }
-        let table = sum
-            .iter()
-            .zip(&count)
-            .map(|(s, c)| (s + 0.1) / (c + 1.0))
-            .collect();
         Self {
             hist: History::new(w),
-            table,
+            table: fit_table(w, horizon, n, |uses, _, idle| Hazard::state(uses, idle)),
         }
     }
+}
+
+/// The mean number of family arrivals in the next `horizon` requests per
+/// state, over the whole trace (sampled every 25 requests): `state` maps a
+/// family's uses so far, the index of its latest request and its idle time
+/// to one of `states` slots.
+fn fit_table(
+    w: &World,
+    horizon: usize,
+    states: usize,
+    state: impl Fn(u32, usize, usize) -> usize,
+) -> Vec<f64> {
+    let mut arrivals: Vec<Vec<u32>> = vec![Vec::new(); w.blocks()];
+    for (t, r) in w.reqs.iter().enumerate() {
+        arrivals[w.root[r[0] as usize] as usize].push(t as u32);
+    }
+    let (mut sum, mut count) = (vec![0f64; states], vec![0f64; states]);
+    for t in (0..w.reqs.len().saturating_sub(horizon)).step_by(25) {
+        for v in arrivals
+            .iter()
+            .filter(|v| v.first().is_some_and(|&a| a as usize <= t))
+        {
+            let j = v.partition_point(|&x| x as usize <= t);
+            let last = v[j - 1] as usize;
+            let st = state(j as u32, last, t - last);
+            sum[st] += (v.partition_point(|&x| x as usize <= t + horizon) - j) as f64;
+            count[st] += 1.0;
+        }
+    }
+    sum.iter()
+        .zip(&count)
+        .map(|(s, c)| (s + 0.1) / (c + 1.0))
+        .collect()
 }
 
 impl LabPolicy for FittedTable {
@@ -597,7 +632,7 @@ impl LabPolicy for FittedTable {
 pub struct FamilyLru {
     hist: History,
     bonus: f64,
-    residence: f64,
+    residence: Residence,
 }
 
 impl FamilyLru {
@@ -605,7 +640,7 @@ impl FamilyLru {
         Self {
             hist: History::new(w),
             bonus,
-            residence: 100.0,
+            residence: Residence::default(),
         }
     }
 }
@@ -621,23 +656,20 @@ impl LabPolicy for FamilyLru {
         }
         let f = w.root[b] as usize;
         let shift = if self.hist.fam_uses[f] >= 2 {
-            self.bonus * self.residence
+            self.bonus * self.residence.0
         } else {
             0.0
         };
         (1 << 32) + u64::from(self.hist.fam_last[f]) + shift as u64
     }
     fn on_evict(&mut self, w: &World, b: u32, _: u64, t: usize) {
-        let (k, last) = self.hist.class(w, b as usize, CLASSES);
-        if k == 1 {
-            self.residence = 0.99 * self.residence + 0.01 * (t - last as usize) as f64;
-        }
+        self.residence.on_evict(&self.hist, w, b, t);
     }
 }
 
 /// Class-rate LRU: recency by family (tails on their own clock), shifted
 /// by `R × (r_k / r_1 − 1)`: `r_k` is the learned arrival rate of families
-/// used `k` times ([`ClassRates`]), `R` the residence time of once-used
+/// used `k` times ([`RateTable`]), `R` the residence time of once-used
 /// blocks. A class that returns no more often than a first-seen family
 /// gets no shift, so where counts do not predict reuse this is LRU.
 /// `fixed`: the key is computed at the block's last use and kept (as the
@@ -646,8 +678,8 @@ impl LabPolicy for FamilyLru {
 #[derive(Debug)]
 pub struct ClassRateLru {
     hist: History,
-    rates: ClassRates,
-    residence: f64,
+    rates: RateTable,
+    residence: Residence,
     fixed: Option<Vec<u64>>,
 }
 
@@ -655,8 +687,8 @@ impl ClassRateLru {
     pub fn new(w: &World, fixed: bool) -> Self {
         Self {
             hist: History::new(w),
-            rates: ClassRates::new(),
-            residence: 100.0,
+            rates: RateTable::new(CLASSES as usize + 1),
+            residence: Residence::default(),
             fixed: fixed.then(|| vec![0; w.blocks()]),
         }
     }
@@ -666,7 +698,9 @@ impl ClassRateLru {
         let shift = if c <= 1 {
             0.0
         } else {
-            self.residence * (self.rates.rate(c) / self.rates.rate(1) - 1.0).max(0.0)
+            let pooled = self.rates.pooled(0..CLASSES as usize + 1);
+            let ratio = self.rates.rate(c, pooled) / self.rates.rate(1, pooled);
+            self.residence.0 * (ratio - 1.0).max(0.0)
         };
         fkey(f64::from(last) + shift)
     }
@@ -675,7 +709,9 @@ impl ClassRateLru {
 impl LabPolicy for ClassRateLru {
     fn on_request(&mut self, w: &World, t: usize, req: &[u32], _: usize) {
         let f = w.root[req[0] as usize] as usize;
-        self.rates.arrive(t, self.hist.fam_uses[f]);
+        let uses = self.hist.fam_uses[f];
+        let from = (uses > 0).then(|| uses.min(CLASSES) as usize);
+        self.rates.arrive(t, from, (uses + 1).min(CLASSES) as usize);
         self.hist.record(w, t, req);
         let keys: Option<Vec<u64>> = self
             .fixed
@@ -694,10 +730,7 @@ impl LabPolicy for ClassRateLru {
         }
     }
     fn on_evict(&mut self, w: &World, b: u32, _: u64, t: usize) {
-        let (k, last) = self.hist.class(w, b as usize, CLASSES);
-        if k == 1 {
-            self.residence = 0.99 * self.residence + 0.01 * (t - last as usize) as f64;
-        }
+        self.residence.on_evict(&self.hist, w, b, t);
     }
 }
 
@@ -780,51 +813,6 @@ impl LabPolicy for FamilyArc {
     }
 }
 
-/// Arrival rates over any set of classes, learned online as in
-/// [`ClassRates`]: a family moves between classes as it arrives.
-#[derive(Debug, Clone)]
-struct RateTable {
-    in_class: Vec<f64>,
-    arrivals: Vec<f64>,
-    exposure: Vec<f64>,
-    last_t: usize,
-}
-
-impl RateTable {
-    fn new(n: usize) -> Self {
-        Self {
-            in_class: vec![0.0; n],
-            arrivals: vec![0.0; n],
-            exposure: vec![0.0; n],
-            last_t: 0,
-        }
-    }
-
-    /// A family in class `from` (none: first seen) arrives at `t` and moves to `to`.
-    fn arrive(&mut self, t: usize, from: Option<usize>, to: usize) {
-        let dt = (t - self.last_t) as f64;
-        for (e, n) in self.exposure.iter_mut().zip(&self.in_class) {
-            *e += n * dt;
-        }
-        self.last_t = t;
-        if let Some(c) = from {
-            self.arrivals[c] += 1.0;
-            self.in_class[c] -= 1.0;
-        }
-        self.in_class[to] += 1.0;
-    }
-
-    fn pooled(&self, classes: std::ops::Range<usize>) -> f64 {
-        (self.arrivals[classes.clone()].iter().sum::<f64>() + 1.0)
-            / (self.exposure[classes].iter().sum::<f64>() + 1.0)
-    }
-
-    /// The class's rate, shrunk toward `prior` by one pseudo-arrival.
-    fn rate(&self, c: usize, prior: f64) -> f64 {
-        (self.arrivals[c] + 1.0) / (self.exposure[c] + 1.0 / prior)
-    }
-}
-
 /// Log₂ bucket of a request's output length (0 when not known).
 fn output_bucket(output: Option<u64>) -> usize {
     output.map_or(0, |o| {
@@ -859,7 +847,7 @@ pub struct ShapeRateLru {
     hist: History,
     rates: RateTable,
     fam_class: Vec<usize>,
-    residence: f64,
+    residence: Residence,
     output: bool,
     keys: Vec<u64>,
 }
@@ -873,7 +861,7 @@ impl ShapeRateLru {
             hist: History::new(w),
             rates: RateTable::new(classes),
             fam_class: vec![0; w.blocks()],
-            residence: 100.0,
+            residence: Residence::default(),
             output,
             keys: vec![0; w.blocks()],
         }
@@ -902,7 +890,7 @@ impl ShapeRateLru {
         let f = w.root[b] as usize;
         let reference = self.rates.pooled(Self::FIRST_SEEN);
         let ratio = self.rates.rate(self.fam_class[f], reference) / reference;
-        fkey(BASE + f64::from(self.hist.fam_last[f]) + self.residence * ratio.ln())
+        fkey(BASE + f64::from(self.hist.fam_last[f]) + self.residence.0 * ratio.ln())
     }
 }
 
@@ -923,10 +911,7 @@ impl LabPolicy for ShapeRateLru {
         self.keys[b as usize]
     }
     fn on_evict(&mut self, w: &World, b: u32, _: u64, t: usize) {
-        let (k, last) = self.hist.class(w, b as usize, CLASSES);
-        if k == 1 {
-            self.residence = 0.99 * self.residence + 0.01 * (t - last as usize) as f64;
-        }
+        self.residence.on_evict(&self.hist, w, b, t);
     }
 }
 
@@ -947,37 +932,13 @@ impl FittedShapeTable {
     }
 
     pub fn new(w: &World, horizon: usize) -> Self {
-        let mut arrivals: Vec<Vec<u32>> = vec![Vec::new(); w.blocks()];
-        for (t, r) in w.reqs.iter().enumerate() {
-            arrivals[w.root[r[0] as usize] as usize].push(t as u32);
-        }
         let n = 5 * OUTPUT_BUCKETS * IDLE_BUCKETS;
-        let (mut sum, mut count) = (vec![0f64; n], vec![0f64; n]);
-        for t in (0..w.reqs.len().saturating_sub(horizon)).step_by(25) {
-            for v in arrivals
-                .iter()
-                .filter(|v| v.first().is_some_and(|&a| a as usize <= t))
-            {
-                let j = v.partition_point(|&x| x as usize <= t);
-                let lastreq = v[j - 1] as usize;
-                let st = Self::state(
-                    j as u32,
-                    output_bucket(Some(w.output[lastreq])),
-                    t - lastreq,
-                );
-                sum[st] += (v.partition_point(|&x| x as usize <= t + horizon) - j) as f64;
-                count[st] += 1.0;
-            }
-        }
-        let table = sum
-            .iter()
-            .zip(&count)
-            .map(|(s, c)| (s + 0.1) / (c + 1.0))
-            .collect();
         Self {
             hist: History::new(w),
             fam_out: vec![0; w.blocks()],
-            table,
+            table: fit_table(w, horizon, n, |uses, last, idle| {
+                Self::state(uses, output_bucket(Some(w.output[last])), idle)
+            }),
         }
     }
 }
@@ -996,7 +957,6 @@ impl LabPolicy for FittedShapeTable {
         true
     }
 }
-
 
 /// Least hit density (Beckmann et al., NSDI '18): per class and age
 /// (requests since the block's last use), the blocks hit and evicted at
