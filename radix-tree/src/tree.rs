@@ -850,11 +850,17 @@ impl Tree {
                     kind: AccessKind::Insert,
                 };
                 self.touch(n, ctx.policy, access);
-                self.rekey_in_sets(n, ctx.policy);
                 n
             }
         };
-        Ok(self.insert_from(start, tokens, hashes, tier, blocks, priority, ctx))
+        let out = self.insert_from(start, tokens, hashes, tier, blocks, priority, ctx);
+        // Re-rank the parent after the insert, not before: a parent that
+        // just gained a child with copies has left its eviction sets, and
+        // ranking it first would move it in a set only to take it out.
+        if start != ROOT {
+            self.rekey_in_sets(start, ctx.policy);
+        }
+        Ok(out)
     }
 
     #[allow(clippy::too_many_arguments)]
