@@ -59,7 +59,13 @@ impl Children {
 
     pub(crate) fn insert(&mut self, key: u64, child: u32) {
         match self {
-            Children::None => *self = Children::Small(vec![(key, child)]),
+            Children::None => {
+                // Room for two: a node's first child usually comes from a
+                // split, and its second from the insert that split it.
+                let mut v = Vec::with_capacity(2);
+                v.push((key, child));
+                *self = Children::Small(v);
+            }
             Children::Small(v) => {
                 let at = v.partition_point(|(k, _)| *k <= key);
                 v.insert(at, (key, child));

@@ -313,10 +313,15 @@ impl Tree {
 
     fn find_child(&self, node: u32, page: &[u32]) -> Option<u32> {
         let key = edge_key(page);
-        self.nodes[node as usize]
-            .children
-            .with_key(key)
-            .find(|&c| &self.nodes[c as usize].tokens[..self.page_size] == page)
+        let mut children = self.nodes[node as usize].children.with_key(key);
+        if page.len() == 1 {
+            // One-token pages: the edge key is the token itself, so a child
+            // with the key starts with the page (no need to load its tokens).
+            let child = children.next();
+            debug_assert!(child.is_none_or(|c| self.nodes[c as usize].tokens[..1] == *page));
+            return child;
+        }
+        children.find(|&c| &self.nodes[c as usize].tokens[..self.page_size] == page)
     }
 
     /// Whole pages in common between an edge and the rest of a prompt,
@@ -396,12 +401,25 @@ impl Tree {
         };
         self.walk(tokens, |n, count, full| {
             let node = &self.nodes[n as usize];
-            for loc in node.slots[..count].iter().map(|s| &s.loc) {
-                for t in 0..TIERS {
-                    out.tier_pages[t] += usize::from(loc.has(Tier::ALL[t]));
+            let pages = node.pages() as u32;
+            if node.tier_pages.iter().all(|&c| c == 0 || c == pages) {
+                // Every page of the node has copies on the same tiers (the
+                // usual case): count them from the node's own counts.
+                let on = |t: usize| node.tier_pages[t] == pages;
+                for t in (0..TIERS).filter(|&t| on(t)) {
+                    out.tier_pages[t] += count;
                 }
-                if let Some(t) = loc.fastest() {
-                    out.fastest_pages[t.index()] += 1;
+                if let Some(t) = (0..TIERS).find(|&t| on(t)) {
+                    out.fastest_pages[t] += count;
+                }
+            } else {
+                for loc in node.slots[..count].iter().map(|s| &s.loc) {
+                    for t in 0..TIERS {
+                        out.tier_pages[t] += usize::from(loc.has(Tier::ALL[t]));
+                    }
+                    if let Some(t) = loc.fastest() {
+                        out.fastest_pages[t.index()] += 1;
+                    }
                 }
             }
             out.locations
@@ -430,10 +448,12 @@ impl Tree {
         // The map names the node; find the page in it comparing one word
         // first (a long node is scanned, so keep the scan cheap).
         let word = hash.0 as u32;
+        // From the end: the page where a hit ended (what `insert_after`
+        // names) is most often a node's last.
         let off = self.nodes[n as usize]
             .slots
             .iter()
-            .position(|s| s.hash[0] == word && s.hash() == hash)?;
+            .rposition(|s| s.hash[0] == word && s.hash() == hash)?;
         Some((n, off))
     }
 
@@ -764,14 +784,11 @@ impl Tree {
         let pinned = old.pinned();
         let tail_key = edge_key(&tail.tokens[..ps]);
         let t_id = self.alloc(tail);
-        let moved: Vec<u32> = self.nodes[t_id as usize]
-            .children
-            .iter()
-            .map(|(_, c)| c)
-            .collect();
-        for c in moved {
+        let moved = std::mem::take(&mut self.nodes[t_id as usize].children);
+        for (_, c) in moved.iter() {
             self.nodes[c as usize].parent = t_id;
         }
+        self.nodes[t_id as usize].children = moved;
         self.nodes[n as usize].children.insert(tail_key, t_id);
         self.repoint_hashes(t_id, n);
         if pinned {
