@@ -22,6 +22,11 @@ use std::collections::{BTreeSet, HashMap};
 
 pub(crate) const ROOT: u32 = 0;
 const NOT_IN_SET: u64 = u64::MAX;
+/// The page-hash map grows four-fold while that makes room for at most this
+/// many entries (see `Tree::reserve_hashes`): a table of at most 2^16
+/// buckets (under 1 MiB), so four-fold growth costs a namespace under
+/// 3/4 MiB of slack at worst.
+const FOURFOLD_MAP: usize = 1 << 15;
 /// Freed nodes keep page buffers up to this many pages for reuse.
 const RECYCLED_PAGES: usize = 64;
 
@@ -247,6 +252,8 @@ pub(crate) struct Tree {
     nodes: Arena<Node>,
     free: Vec<u32>,
     by_hash: HashMap<ShortHash, u32, PassThroughBuild>,
+    /// The most entries `by_hash` has been asked to hold.
+    hash_peak: usize,
     sets: [BTreeSet<(u64, u32)>; TIERS],
     leases: HashMap<u64, LeaseRecord>,
     lease_expiry: BTreeSet<(u64, u64)>,
@@ -297,6 +304,7 @@ impl Tree {
             },
             free: Vec::new(),
             by_hash: HashMap::default(),
+            hash_peak: 0,
             sets: Default::default(),
             leases: HashMap::new(),
             lease_expiry: BTreeSet::new(),
@@ -820,6 +828,28 @@ impl Tree {
         }
     }
 
+    /// Makes room in the page-hash map for `pages` more entries. Growing
+    /// moves every entry, so a small map grows four-fold instead of two-fold
+    /// (while a namespace fills, an entry moves about a third of a time on
+    /// average instead of about once); past [`FOURFOLD_MAP`] entries, where
+    /// slack costs real memory, it doubles as usual.
+    ///
+    /// Only a map reaching a new size grows so: one refilling after
+    /// removals (its tombstones take from its capacity) is left to the
+    /// map, which clears them in place when it is at most half full.
+    fn reserve_hashes(&mut self, pages: usize) {
+        let len = self.by_hash.len();
+        if len + pages > self.by_hash.capacity() {
+            let extra = if len >= self.hash_peak && 4 * len <= FOURFOLD_MAP {
+                3 * len
+            } else {
+                0
+            };
+            self.by_hash.reserve(pages.max(extra));
+        }
+        self.hash_peak = self.hash_peak.max(len + pages);
+    }
+
     fn add_child(&mut self, parent: u32, child: u32) {
         let key = edge_key(&self.nodes[child as usize].tokens[..self.page_size]);
         self.nodes[parent as usize].children.insert(key, child);
@@ -1007,6 +1037,7 @@ impl Tree {
         }
         node.tier_pages[t] = pages as u32;
         let n = self.alloc(node);
+        self.reserve_hashes(pages);
         for slot in &self.nodes[n as usize].slots {
             self.by_hash.entry(slot.hash().short()).or_insert(n);
         }
