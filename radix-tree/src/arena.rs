@@ -21,6 +21,7 @@ impl<T> Arena<T> {
         }
     }
 
+    #[inline]
     pub(crate) fn push(&mut self, value: T) -> usize {
         if self.len % CHUNK == 0 {
             self.chunks.push(Vec::with_capacity(CHUNK));

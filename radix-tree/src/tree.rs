@@ -519,6 +519,7 @@ impl Tree {
 
     // ---- allocation and eviction sets -----------------------------------
 
+    #[inline]
     fn alloc(&mut self, node: Node) -> u32 {
         self.live_nodes += 1;
         if let Some(i) = self.free.pop() {
