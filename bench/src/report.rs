@@ -247,16 +247,19 @@ impl Report {
                 self.ceiling.requests_per_second / p.requests_per_second
             );
         }
-        let _ = writeln!(
+        // With a peer, each bounded replay's speed also as a share of the
+        // peer's unbounded one (the peer has no capacity limit to run at).
+        let _ = write!(
             s,
             "{:<10} {:<10} {:>9} {:>10} {:>10} {:>13}",
             "capacity", "policy", "hit rate", "of belady", "of ceiling", "requests/s"
         );
+        let _ = writeln!(s, "{}", if self.peer.is_some() { "  of peer" } else { "" });
         for row in &self.capacities {
             let bound = self.belady(row);
             for r in &row.results {
                 let of_bound = bound.map_or("-".to_string(), |b| format!("{:.3}", r.hit_rate / b));
-                let _ = writeln!(
+                let _ = write!(
                     s,
                     "{:<10} {:<10} {:>9.3} {:>10} {:>10.3} {:>13.0}",
                     row.capacity,
@@ -266,6 +269,13 @@ impl Report {
                     r.hit_rate / self.ceiling.hit_rate,
                     r.requests_per_second
                 );
+                match &self.peer {
+                    Some(p) => {
+                        let of_peer = r.requests_per_second / p.requests_per_second;
+                        let _ = writeln!(s, " {of_peer:>8.2}x");
+                    }
+                    None => s.push('\n'),
+                }
             }
         }
         s
