@@ -39,7 +39,9 @@
 //! row costs 8 `vpdpbusd`s a block where the F32 path needs 32 FMAs),
 //! writing its columns of `Y` in place.
 
-use crate::quant::{self, QBlock, QRows, Q41, Q80, QK};
+#[cfg(test)]
+use crate::quant::QRows;
+use crate::quant::{self, QBlock, QTiles, Tile, Q41, Q80, QK};
 use rayon::prelude::*;
 
 /// Output columns per packed panel.
@@ -370,9 +372,10 @@ fn f32_matmul(
     }
 }
 
-/// The quantized kernels: `X` quantized row by row (see `quant`), then
-/// each task's panels against every tile of rows, written in place into
-/// its columns of each row of `Y` (`rows`, `n` long each).
+/// The quantized kernels: `X` quantized row by row (see `quant`) and
+/// regrouped in tiles of rows, then each task's panels against every tile,
+/// written in place into its columns of each row of `Y` (`rows`, `n` long
+/// each).
 fn quant_matmul<B: quant::Kernel>(
     x: &[f32],
     n: usize,
@@ -384,12 +387,13 @@ fn quant_matmul<B: quant::Kernel>(
 ) {
     let m = rows.len();
     let xq = quant::quantize_rows(x, k, isa == Isa::Avx512);
+    let xt = QTiles::new(&xq, k, tile_rows(isa));
     let mut segments = row_segments(rows, n, per_task * PANEL);
-    let xq = &xq;
+    let xt = &xt;
     segments
         .par_chunks_mut(m)
         .zip(b.par_chunks(per_task * k / QK))
-        .for_each(|(out, wp)| quant_entry(xq, m, k, wp, out, isa));
+        .for_each(|(out, wp)| quant_entry(xt, k, wp, out, isa));
 }
 
 /// The `m` rows (of `n`) cut in stretches of `cols` columns: task `t`'s
@@ -410,15 +414,24 @@ fn row_segments(rows: Vec<&mut [f32]>, n: usize, cols: usize) -> Vec<&mut [f32]>
 }
 
 /// Rows of `X` per tile of the quantized kernels: each block's bytes are
-/// unpacked once for a tile's rows, and the panel stays in L1 while the
-/// tiles pass it (a decode step of 8 rows is two tiles).
-const QROWS: usize = 4;
+/// loaded and unpacked once for a tile's rows. The AVX-512 kernel keeps 8
+/// rows' sums in its 32 registers (a decode step of 8 sequences is one
+/// tile: one pass over weights that stream from memory); AVX2's 16
+/// registers hold 4.
+const QROWS: usize = 8;
 
-/// The quantized panels in `wp` against all `m` rows, into `out` (this
-/// task's stretch of each row), on the kernels of `isa`.
+/// Rows per tile on the kernels of `isa`.
+fn tile_rows(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx512 => QROWS,
+        Isa::Avx2 | Isa::Scalar => 4,
+    }
+}
+
+/// The quantized panels in `wp` against every tile of `xt`, into `out`
+/// (this task's stretch of each row), on the kernels of `isa`.
 fn quant_entry<B: quant::Kernel>(
-    xq: &QRows,
-    m: usize,
+    xt: &QTiles,
     k: usize,
     wp: &[B],
     out: &mut [&mut [f32]],
@@ -428,62 +441,62 @@ fn quant_entry<B: quant::Kernel>(
     match isa {
         // SAFETY: `quant_512` needs AVX-512F, BW and VNNI, AVX2, FMA and
         // F16C, which `Isa::best` confirmed.
-        Isa::Avx512 => return unsafe { quant_512(xq, m, k, wp, out) },
+        Isa::Avx512 => return unsafe { quant_512(xt, k, wp, out) },
         // SAFETY: `quant_avx2` needs AVX2 and FMA, which `Isa::best`
         // confirmed.
-        Isa::Avx2 => return unsafe { quant_avx2(xq, m, k, wp, out) },
+        Isa::Avx2 => return unsafe { quant_avx2(xt, k, wp, out) },
         Isa::Scalar => {}
     }
     let _ = isa;
-    quant_panels(m, k, wp, out, |r0, rows, panel, o| {
-        quant::dot_rows(xq, r0, rows, panel, o)
-    })
+    quant_panels(xt, k, wp, out, quant::dot_tile)
 }
 
-/// The AVX2 kernel, a tile of up to [`QROWS`] rows at a time.
+/// The AVX2 kernel, a tile of up to 4 rows at a time.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn quant_avx2<B: quant::Kernel>(xq: &QRows, m: usize, k: usize, wp: &[B], out: &mut [&mut [f32]]) {
-    use quant::avx2::dot_rows;
-    quant_panels(m, k, wp, out, |r0, rows, panel, o| match rows {
-        4 => dot_rows::<B, 4>(xq, r0, panel, o),
-        3 => dot_rows::<B, 3>(xq, r0, panel, o),
-        2 => dot_rows::<B, 2>(xq, r0, panel, o),
-        _ => dot_rows::<B, 1>(xq, r0, panel, o),
+fn quant_avx2<B: quant::Kernel>(xt: &QTiles, k: usize, wp: &[B], out: &mut [&mut [f32]]) {
+    use quant::avx2::dot_tile;
+    quant_panels(xt, k, wp, out, |x, panel, o| match x.rows {
+        4 => dot_tile::<B, 4>(x, panel, o),
+        3 => dot_tile::<B, 3>(x, panel, o),
+        2 => dot_tile::<B, 2>(x, panel, o),
+        _ => dot_tile::<B, 1>(x, panel, o),
     })
 }
 
 /// The AVX-512 VNNI kernel, a tile of up to [`QROWS`] rows at a time.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-fn quant_512<B: quant::Kernel>(xq: &QRows, m: usize, k: usize, wp: &[B], out: &mut [&mut [f32]]) {
-    use quant::avx512::dot_rows;
-    quant_panels(m, k, wp, out, |r0, rows, panel, o| match rows {
-        4 => dot_rows::<B, 4>(xq, r0, panel, o),
-        3 => dot_rows::<B, 3>(xq, r0, panel, o),
-        2 => dot_rows::<B, 2>(xq, r0, panel, o),
-        _ => dot_rows::<B, 1>(xq, r0, panel, o),
+fn quant_512<B: quant::Kernel>(xt: &QTiles, k: usize, wp: &[B], out: &mut [&mut [f32]]) {
+    use quant::avx512::dot_tile;
+    quant_panels(xt, k, wp, out, |x, panel, o| match x.rows {
+        8 => dot_tile::<B, 8>(x, panel, o),
+        7 => dot_tile::<B, 7>(x, panel, o),
+        6 => dot_tile::<B, 6>(x, panel, o),
+        5 => dot_tile::<B, 5>(x, panel, o),
+        4 => dot_tile::<B, 4>(x, panel, o),
+        3 => dot_tile::<B, 3>(x, panel, o),
+        2 => dot_tile::<B, 2>(x, panel, o),
+        _ => dot_tile::<B, 1>(x, panel, o),
     })
 }
 
-/// Each panel of `wp` against each tile of up to [`QROWS`] rows: `dot`
-/// writes a tile's `rows × PANEL` outputs, which go to the rows' stretches
-/// in `out`.
+/// Each panel of `wp` against each tile of `xt`: `dot` writes a tile's
+/// `rows × PANEL` outputs, which go to the rows' stretches in `out`.
 #[inline(always)]
 fn quant_panels<B: QBlock>(
-    m: usize,
+    xt: &QTiles,
     k: usize,
     wp: &[B],
     out: &mut [&mut [f32]],
-    mut dot: impl FnMut(usize, usize, &[B], &mut [f32]),
+    mut dot: impl FnMut(&Tile<'_>, &[B], &mut [f32]),
 ) {
     let mut tile = [0.0f32; QROWS * PANEL];
     for (pi, panel) in wp.chunks_exact(k / QK).enumerate() {
-        for r0 in (0..m).step_by(QROWS) {
-            let rows = (m - r0).min(QROWS);
-            let t = &mut tile[..rows * PANEL];
-            dot(r0, rows, panel, t);
-            for (row, t) in out[r0..r0 + rows].iter_mut().zip(t.chunks_exact(PANEL)) {
+        for (r0, x) in xt.tiles() {
+            let t = &mut tile[..x.rows * PANEL];
+            dot(&x, panel, t);
+            for (row, t) in out[r0..r0 + x.rows].iter_mut().zip(t.chunks_exact(PANEL)) {
                 row[pi * PANEL..][..PANEL].copy_from_slice(t);
             }
         }
@@ -778,6 +791,70 @@ mod tests {
                     (a - b).abs() <= bound / 100.0 + 1e-3,
                     "{dtype:?}: {a} vs {b} (of {bound})"
                 );
+            }
+        }
+    }
+
+    /// Every quantized kernel gives each row, in a tile of any height
+    /// (1 to 9 rows: every tile kernel, and a tile and a part), the bits
+    /// it gives that row alone, and every ISA the same bits: on random
+    /// weights and activations (of every magnitude, zeros included), in
+    /// odd shapes (one panel, one block, panels that split unevenly into
+    /// tasks, blocks fewer than the prefetch distance or many more).
+    #[test]
+    fn tiles_of_rows_equal_rows_alone_bit_for_bit_on_every_isa() {
+        let mut rng = Rng(0xD1B5_4A32_D192_ED03);
+        let shapes = [
+            (PANEL, QK),
+            (3 * PANEL, 3 * QK),
+            (5 * PANEL, 7 * QK),
+            (7 * PANEL, 2 * QK),
+            (2 * PANEL, 48 * QK),
+        ];
+        for (n, k) in shapes {
+            for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+                let raw = random_blocks(dtype, n, k, &mut rng);
+                let q = match dtype {
+                    GgmlDType::Q4_1 => Packed::pack_q4_1(&raw, n, k),
+                    _ => Packed::pack_q8_0(&raw, n, k),
+                };
+                let x: Vec<f32> = (0..9 * k)
+                    .map(|i| {
+                        let r = rng.next();
+                        let v = (r % 20001) as f32 / 10000.0 - 1.0;
+                        // A block of zeros now and then.
+                        if (i / QK) % 11 == 5 {
+                            0.0
+                        } else {
+                            v * [1e-5, 0.03, 1.0, 40.0][(r >> 32) as usize % 4]
+                        }
+                    })
+                    .collect();
+                let mut alone: Option<Vec<f32>> = None;
+                for isa in Isa::all() {
+                    let mut rows = vec![f32::NAN; 9 * n];
+                    for (xr, y) in x.chunks_exact(k).zip(rows.chunks_exact_mut(n)) {
+                        matmul_with(xr, 1, &q, y, isa);
+                    }
+                    let same = |a: &[f32], b: &[f32]| {
+                        a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits())
+                    };
+                    match &alone {
+                        None => alone = Some(rows.clone()),
+                        Some(first) => assert!(
+                            same(first, &rows),
+                            "{dtype:?} {n}x{k}: rows alone differ on {isa:?}"
+                        ),
+                    }
+                    for m in 1..=9 {
+                        let mut y = vec![f32::NAN; m * n];
+                        matmul_with(&x[..m * k], m, &q, &mut y, isa);
+                        assert!(
+                            same(&y, &rows[..m * n]),
+                            "{dtype:?} {n}x{k}, m = {m}, {isa:?}"
+                        );
+                    }
+                }
             }
         }
     }

@@ -302,25 +302,95 @@ fn quantize_block(x: &[f32; QK], q: &mut [i8; QK]) -> (f32, i32) {
     (d, sum)
 }
 
-/// Panel blocks of `blocks` (all of one panel's `k`) against `R` rows of
-/// `x` (from row `r0`), scalar: `out` (`R × PANEL`) gets each element's
-/// fix-up chain over the blocks from zero (see the module docs).
+/// Quantized rows regrouped for the kernels, in tiles of up to `per` rows
+/// (the last tile may hold fewer): a tile's blocks in the order of `k`,
+/// each block's rows side by side, so that a kernel reads a whole tile's
+/// activations for one weight block from one place, at fixed offsets.
+/// The values are [`QRows`]'s, moved, never recomputed.
+pub(crate) struct QTiles {
+    per: usize,
+    nb: usize,
+    m: usize,
+    q: Vec<i8>,
+    d: Vec<f32>,
+    s: Vec<f32>,
+    sum: Vec<i32>,
+}
+
+/// One tile of [`QTiles`]: row `r`'s block `b` is `q[(b × rows + r) ×
+/// 32..][..32]`, with `d`, `s` and `sum` at `b × rows + r`.
+#[derive(Clone, Copy)]
+pub(crate) struct Tile<'a> {
+    pub rows: usize,
+    pub q: &'a [i8],
+    pub d: &'a [f32],
+    pub s: &'a [f32],
+    pub sum: &'a [i32],
+}
+
+impl QTiles {
+    /// `x` (`m` rows of `k`, from [`quantize_rows`]) in tiles of up to
+    /// `per` rows.
+    pub fn new(x: &QRows, k: usize, per: usize) -> QTiles {
+        assert!(per > 0, "tiles of no rows");
+        let nb = k / QK;
+        let m = x.d.len() / nb;
+        let mut out = QTiles {
+            per,
+            nb,
+            m,
+            q: vec![0; x.q.len()],
+            d: vec![0.0; x.d.len()],
+            s: vec![0.0; x.s.len()],
+            sum: vec![0; x.sum.len()],
+        };
+        for t0 in (0..m).step_by(per) {
+            let rows = (m - t0).min(per);
+            for r in 0..rows {
+                for b in 0..nb {
+                    let (src, dst) = ((t0 + r) * nb + b, t0 * nb + b * rows + r);
+                    out.q[dst * QK..][..QK].copy_from_slice(&x.q[src * QK..][..QK]);
+                    out.d[dst] = x.d[src];
+                    out.s[dst] = x.s[src];
+                    out.sum[dst] = x.sum[src];
+                }
+            }
+        }
+        out
+    }
+
+    /// The tiles in order, each with its first row.
+    pub fn tiles(&self) -> impl Iterator<Item = (usize, Tile<'_>)> + '_ {
+        (0..self.m).step_by(self.per).map(|t0| {
+            let rows = (self.m - t0).min(self.per);
+            let (at, len) = (t0 * self.nb, rows * self.nb);
+            (
+                t0,
+                Tile {
+                    rows,
+                    q: &self.q[at * QK..][..len * QK],
+                    d: &self.d[at..][..len],
+                    s: &self.s[at..][..len],
+                    sum: &self.sum[at..][..len],
+                },
+            )
+        })
+    }
+}
+
+/// Panel blocks of `blocks` (all of one panel's `k`) against the rows of
+/// the tile `x`, scalar: `out` (`rows × PANEL`) gets each element's fix-up
+/// chain over the blocks from zero (see the module docs).
 #[inline(always)]
-pub(crate) fn dot_rows<B: QBlock>(
-    x: &QRows,
-    r0: usize,
-    rows: usize,
-    blocks: &[B],
-    out: &mut [f32],
-) {
-    let nb = blocks.len();
+pub(crate) fn dot_tile<B: QBlock>(x: &Tile<'_>, blocks: &[B], out: &mut [f32]) {
+    let rows = x.rows;
     for (r, o) in out.chunks_exact_mut(PANEL).enumerate().take(rows) {
-        let row = (r0 + r) * nb;
         let mut acc = [0.0f32; PANEL];
         for (b, blk) in blocks.iter().enumerate() {
-            let xq = &x.q[(row + b) * QK..][..QK];
-            let (dx, sx) = (x.d[row + b], x.s[row + b]);
-            let init = B::init(x.sum[row + b]);
+            let i = b * rows + r;
+            let xq = &x.q[i * QK..][..QK];
+            let (dx, sx) = (x.d[i], x.s[i]);
+            let init = B::init(x.sum[i]);
             for (j, a) in acc.iter_mut().enumerate() {
                 let mut sumi = init;
                 for (kk, &qx) in xq.iter().enumerate() {
@@ -346,7 +416,7 @@ pub(crate) fn dot_rows<B: QBlock>(
 /// `simd::avx512_vnni` first.
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512 {
-    use super::{QRows, Q41, Q80, QK};
+    use super::{QRows, Tile, Q41, Q80, QK};
     use crate::matmul::PANEL;
     use std::arch::x86_64::*;
 
@@ -418,48 +488,82 @@ pub(crate) mod avx512 {
         }
     }
 
-    /// `R` rows of `x` (from row `r0`) against one whole panel (`blocks`:
-    /// all of `k`), into `out` (`R × PANEL`): [`super::dot_rows`]'s values.
-    /// A block's bytes are unpacked once for all `R` rows; each row's
-    /// integer sum is 8 `vpdpbusd`s, the rows' sums side by side, a group
-    /// at a time: `R` independent chains in flight, not one row's 8 in a
-    /// row. (Measured here: 4 rows run at 240 GFLOP/s a core, 8 rows at
-    /// 150 to 200: they leave too few registers.)
+    /// Asks the cache for the lines of `blocks[at]` (the block a few ahead
+    /// of the one being multiplied; past the end, whatever follows, or
+    /// nothing).
+    #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-    pub(crate) fn dot_rows<B: Vnni, const R: usize>(
-        x: &QRows,
-        r0: usize,
-        blocks: &[B],
-        out: &mut [f32],
-    ) {
+    fn prefetch<B>(blocks: &[B], at: usize) {
+        let p = blocks.as_ptr().wrapping_add(at).cast::<i8>();
+        for line in (0..=std::mem::size_of::<B>()).step_by(64) {
+            // A prefetch is a hint: it never faults and reads nothing the
+            // program sees, so any address will do.
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line));
+        }
+    }
+
+    /// Weight blocks ahead of the one being multiplied that the kernel
+    /// prefetches: a decode step streams every weight from memory once,
+    /// and the hardware's prefetcher alone leaves the tile waiting on it.
+    const AHEAD: usize = 4;
+
+    /// The rows of the tile `x` (`R` of them) against one whole panel
+    /// (`blocks`: all of `k`), into `out` (`R × PANEL`):
+    /// [`super::dot_tile`]'s values. A block's bytes are loaded and
+    /// unpacked once for all `R` rows; per group of 4 bytes, one
+    /// `vpdpbusd` per row, the rows' integer sums side by side (with one
+    /// or two rows, each row's sum split into partial sums, added at the
+    /// end: exact, and enough independent chains to hide `vpdpbusd`'s
+    /// latency). Up to 8 rows keep every sum and accumulator in
+    /// registers: 8 rows cost one pass over the weights, not two.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    pub(crate) fn dot_tile<B: Vnni, const R: usize>(x: &Tile<'_>, blocks: &[B], out: &mut [f32]) {
+        assert_eq!(x.rows, R, "a tile of {} rows in the {R}-row kernel", x.rows);
         let nb = blocks.len();
+        let (q, d, s, sum) = (
+            &x.q[..nb * R * QK],
+            &x.d[..nb * R],
+            &x.s[..nb * R],
+            &x.sum[..nb * R],
+        );
+        // Partial sums per row.
+        let split = match R {
+            1 => 4,
+            2..=3 => 2,
+            _ => 1,
+        };
         let mut acc = [_mm512_setzero_ps(); R];
         for (b, blk) in blocks.iter().enumerate() {
+            prefetch(blocks, b + AHEAD);
             // SAFETY: this function has the features `Vnni` needs.
             let (w, [dw, mw]) = unsafe { (blk.groups(), blk.scales512()) };
-            let xb = |r: usize| (r0 + r) * nb + b;
-            let mut sumi = [_mm512_setzero_si512(); R];
-            for (r, s) in sumi.iter_mut().enumerate() {
-                *s = _mm512_set1_epi32(B::init(x.sum[xb(r)]));
+            let xq = &q[b * R * QK..][..R * QK];
+            let (db, sb, ib) = (&d[b * R..][..R], &s[b * R..][..R], &sum[b * R..][..R]);
+            let mut sumi = [[_mm512_setzero_si512(); 4]; R];
+            for (si, &i) in sumi.iter_mut().zip(ib) {
+                si[0] = _mm512_set1_epi32(B::init(i));
             }
             for (g, wg) in w.iter().enumerate() {
-                for (r, s) in sumi.iter_mut().enumerate() {
-                    let xq = &x.q[xb(r) * QK + 4 * g..][..4];
+                for (r, si) in sumi.iter_mut().enumerate() {
+                    let xg = &xq[r * QK + 4 * g..][..4];
                     let xg = _mm512_set1_epi32(i32::from_le_bytes([
-                        xq[0] as u8,
-                        xq[1] as u8,
-                        xq[2] as u8,
-                        xq[3] as u8,
+                        xg[0] as u8,
+                        xg[1] as u8,
+                        xg[2] as u8,
+                        xg[3] as u8,
                     ]));
-                    *s = _mm512_dpbusd_epi32(*s, *wg, xg);
+                    let c = &mut si[g % split];
+                    *c = _mm512_dpbusd_epi32(*c, *wg, xg);
                 }
             }
-            for (r, (a, s)) in acc.iter_mut().zip(sumi).enumerate() {
-                let i = xb(r);
-                let t = _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(x.d[i]));
+            for (r, (a, si)) in acc.iter_mut().zip(&sumi).enumerate() {
+                let total = si[1..split]
+                    .iter()
+                    .fold(si[0], |t, &p| _mm512_add_epi32(t, p));
+                let t = _mm512_mul_ps(_mm512_cvtepi32_ps(total), _mm512_set1_ps(db[r]));
                 *a = _mm512_fmadd_ps(dw, t, *a);
                 if B::MIN {
-                    *a = _mm512_fmadd_ps(mw, _mm512_set1_ps(x.s[i]), *a);
+                    *a = _mm512_fmadd_ps(mw, _mm512_set1_ps(sb[r]), *a);
                 }
             }
         }
@@ -518,7 +622,7 @@ pub(crate) mod avx512 {
 /// first.
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2 {
-    use super::{QBlock, QRows, Q41, Q80, QK};
+    use super::{QBlock, Tile, Q41, Q80, QK};
     use crate::matmul::PANEL;
     use std::arch::x86_64::*;
 
@@ -601,17 +705,15 @@ pub(crate) mod avx2 {
         }
     }
 
-    /// `R` rows of `x` (from row `r0`) against one whole panel (`blocks`:
-    /// all of `k`), into `out` (`R × PANEL`): [`super::dot_rows`]'s values,
-    /// one half of the panel at a time.
+    /// The rows of the tile `x` (`R` of them, at most 4: the registers
+    /// hold no more) against one whole panel (`blocks`: all of `k`), into
+    /// `out` (`R × PANEL`): [`super::dot_tile`]'s values, one half of the
+    /// panel at a time.
     #[target_feature(enable = "avx2,fma")]
-    pub(crate) fn dot_rows<B: Dot, const R: usize>(
-        x: &QRows,
-        r0: usize,
-        blocks: &[B],
-        out: &mut [f32],
-    ) {
+    pub(crate) fn dot_tile<B: Dot, const R: usize>(x: &Tile<'_>, blocks: &[B], out: &mut [f32]) {
+        assert_eq!(x.rows, R, "a tile of {} rows in the {R}-row kernel", x.rows);
         let nb = blocks.len();
+        let (q, d, s) = (&x.q[..nb * R * QK], &x.d[..nb * R], &x.s[..nb * R]);
         for h in 0..2 {
             let mut acc = [_mm256_setzero_ps(); R];
             for (b, blk) in blocks.iter().enumerate() {
@@ -626,8 +728,8 @@ pub(crate) mod avx2 {
                 let (dw, mw) =
                     unsafe { (_mm256_loadu_ps(dw.as_ptr()), _mm256_loadu_ps(mw.as_ptr())) };
                 for (r, a) in acc.iter_mut().enumerate() {
-                    let i = (r0 + r) * nb + b;
-                    let xq = &x.q[i * QK..][..QK];
+                    let i = b * R + r;
+                    let xq = &q[i * QK..][..QK];
                     let x4: [i32; 8] = std::array::from_fn(|g| {
                         i32::from_le_bytes([
                             xq[4 * g] as u8,
@@ -638,10 +740,10 @@ pub(crate) mod avx2 {
                     });
                     // SAFETY: as above.
                     let sumi = unsafe { B::dot(&w, &x4) };
-                    let t = _mm256_mul_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(x.d[i]));
+                    let t = _mm256_mul_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(d[i]));
                     *a = _mm256_fmadd_ps(dw, t, *a);
                     if B::MIN {
-                        *a = _mm256_fmadd_ps(mw, _mm256_set1_ps(x.s[i]), *a);
+                        *a = _mm256_fmadd_ps(mw, _mm256_set1_ps(s[i]), *a);
                     }
                 }
             }
