@@ -488,23 +488,11 @@ pub(crate) mod avx512 {
         }
     }
 
-    /// Asks the cache for the lines of `blocks[at]` (the block a few ahead
-    /// of the one being multiplied; past the end, whatever follows, or
-    /// nothing).
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-    fn prefetch<B>(blocks: &[B], at: usize) {
-        let p = blocks.as_ptr().wrapping_add(at).cast::<i8>();
-        for line in (0..=std::mem::size_of::<B>()).step_by(64) {
-            // A prefetch is a hint: it never faults and reads nothing the
-            // program sees, so any address will do.
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line));
-        }
-    }
-
-    /// Weight blocks ahead of the one being multiplied that the kernel
-    /// prefetches: a decode step streams every weight from memory once,
-    /// and the hardware's prefetcher alone leaves the tile waiting on it.
+    /// Weight blocks ahead of the one being multiplied that a tile of 4
+    /// rows or more prefetches: a decode step streams every weight from
+    /// memory once, and such a tile computes long enough per block for a
+    /// prefetch to land in time (with fewer rows the out-of-order window
+    /// alone reaches as far ahead; they do not prefetch).
     const AHEAD: usize = 4;
 
     /// The rows of the tile `x` (`R` of them) against one whole panel
@@ -534,7 +522,14 @@ pub(crate) mod avx512 {
         };
         let mut acc = [_mm512_setzero_ps(); R];
         for (b, blk) in blocks.iter().enumerate() {
-            prefetch(blocks, b + AHEAD);
+            // The block's lines (and one more, as a block need not start
+            // on a line).
+            if R >= 4 {
+                crate::simd::prefetch(
+                    blocks.as_ptr().wrapping_add(b + AHEAD).cast(),
+                    std::mem::size_of::<B>() + 64,
+                );
+            }
             // SAFETY: this function has the features `Vnni` needs.
             let (w, [dw, mw]) = unsafe { (blk.groups(), blk.scales512()) };
             let xq = &q[b * R * QK..][..R * QK];
