@@ -456,11 +456,11 @@ fn quant_entry<B: quant::Kernel>(
 #[target_feature(enable = "avx2,fma")]
 fn quant_avx2<B: quant::Kernel>(xt: &QTiles, k: usize, wp: &[B], out: &mut [&mut [f32]]) {
     use quant::avx2::dot_tile;
-    quant_panels(xt, k, wp, out, |x, panel, o| match x.rows {
-        4 => dot_tile::<B, 4>(x, panel, o),
-        3 => dot_tile::<B, 3>(x, panel, o),
-        2 => dot_tile::<B, 2>(x, panel, o),
-        _ => dot_tile::<B, 1>(x, panel, o),
+    quant_panels(xt, k, wp, out, |x, panel, o, col| match x.rows {
+        4 => dot_tile::<B, 4>(x, panel, o, col),
+        3 => dot_tile::<B, 3>(x, panel, o, col),
+        2 => dot_tile::<B, 2>(x, panel, o, col),
+        _ => dot_tile::<B, 1>(x, panel, o, col),
     })
 }
 
@@ -469,36 +469,33 @@ fn quant_avx2<B: quant::Kernel>(xt: &QTiles, k: usize, wp: &[B], out: &mut [&mut
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 fn quant_512<B: quant::Kernel>(xt: &QTiles, k: usize, wp: &[B], out: &mut [&mut [f32]]) {
     use quant::avx512::dot_tile;
-    quant_panels(xt, k, wp, out, |x, panel, o| match x.rows {
-        8 => dot_tile::<B, 8>(x, panel, o),
-        7 => dot_tile::<B, 7>(x, panel, o),
-        6 => dot_tile::<B, 6>(x, panel, o),
-        5 => dot_tile::<B, 5>(x, panel, o),
-        4 => dot_tile::<B, 4>(x, panel, o),
-        3 => dot_tile::<B, 3>(x, panel, o),
-        2 => dot_tile::<B, 2>(x, panel, o),
-        _ => dot_tile::<B, 1>(x, panel, o),
+    quant_panels(xt, k, wp, out, |x, panel, o, col| match x.rows {
+        8 => dot_tile::<B, 8>(x, panel, o, col),
+        7 => dot_tile::<B, 7>(x, panel, o, col),
+        6 => dot_tile::<B, 6>(x, panel, o, col),
+        5 => dot_tile::<B, 5>(x, panel, o, col),
+        4 => dot_tile::<B, 4>(x, panel, o, col),
+        3 => dot_tile::<B, 3>(x, panel, o, col),
+        2 => dot_tile::<B, 2>(x, panel, o, col),
+        _ => dot_tile::<B, 1>(x, panel, o, col),
     })
 }
 
 /// Each panel of `wp` against each tile of `xt`: `dot` writes a tile's
-/// `rows × PANEL` outputs, which go to the rows' stretches in `out`.
+/// `rows × PANEL` outputs straight into its rows' stretches in `out`, at
+/// the panel's columns.
 #[inline(always)]
 fn quant_panels<B: QBlock>(
     xt: &QTiles,
     k: usize,
     wp: &[B],
     out: &mut [&mut [f32]],
-    mut dot: impl FnMut(&Tile<'_>, &[B], &mut [f32]),
+    mut dot: impl FnMut(&Tile<'_>, &[B], &mut [&mut [f32]], usize),
 ) {
-    let mut tile = [0.0f32; QROWS * PANEL];
+    let tiles: Vec<(usize, Tile<'_>)> = xt.tiles().collect();
     for (pi, panel) in wp.chunks_exact(k / QK).enumerate() {
-        for (r0, x) in xt.tiles() {
-            let t = &mut tile[..x.rows * PANEL];
-            dot(&x, panel, t);
-            for (row, t) in out[r0..r0 + x.rows].iter_mut().zip(t.chunks_exact(PANEL)) {
-                row[pi * PANEL..][..PANEL].copy_from_slice(t);
-            }
+        for (r0, x) in &tiles {
+            dot(x, panel, &mut out[*r0..*r0 + x.rows], pi * PANEL);
         }
     }
 }

@@ -379,12 +379,13 @@ impl QTiles {
 }
 
 /// Panel blocks of `blocks` (all of one panel's `k`) against the rows of
-/// the tile `x`, scalar: `out` (`rows × PANEL`) gets each element's fix-up
-/// chain over the blocks from zero (see the module docs).
+/// the tile `x`, scalar: row `r`'s columns `col..col + PANEL` (in
+/// `out[r]`) get each element's fix-up chain over the blocks from zero
+/// (see the module docs).
 #[inline(always)]
-pub(crate) fn dot_tile<B: QBlock>(x: &Tile<'_>, blocks: &[B], out: &mut [f32]) {
+pub(crate) fn dot_tile<B: QBlock>(x: &Tile<'_>, blocks: &[B], out: &mut [&mut [f32]], col: usize) {
     let rows = x.rows;
-    for (r, o) in out.chunks_exact_mut(PANEL).enumerate().take(rows) {
+    for (r, o) in out.iter_mut().enumerate().take(rows) {
         let mut acc = [0.0f32; PANEL];
         for (b, blk) in blocks.iter().enumerate() {
             let i = b * rows + r;
@@ -404,7 +405,7 @@ pub(crate) fn dot_tile<B: QBlock>(x: &Tile<'_>, blocks: &[B], out: &mut [f32]) {
                 }
             }
         }
-        o.copy_from_slice(&acc);
+        o[col..][..PANEL].copy_from_slice(&acc);
     }
 }
 
@@ -496,7 +497,8 @@ pub(crate) mod avx512 {
     const AHEAD: usize = 4;
 
     /// The rows of the tile `x` (`R` of them) against one whole panel
-    /// (`blocks`: all of `k`), into `out` (`R × PANEL`):
+    /// (`blocks`: all of `k`), into columns `col..col + PANEL` of `out`'s
+    /// rows:
     /// [`super::dot_tile`]'s values. A block's bytes are loaded and
     /// unpacked once for all `R` rows; per group of 4 bytes, one
     /// `vpdpbusd` per row, the rows' integer sums side by side (with one
@@ -505,7 +507,12 @@ pub(crate) mod avx512 {
     /// latency). Up to 8 rows keep every sum and accumulator in
     /// registers: 8 rows cost one pass over the weights, not two.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-    pub(crate) fn dot_tile<B: Vnni, const R: usize>(x: &Tile<'_>, blocks: &[B], out: &mut [f32]) {
+    pub(crate) fn dot_tile<B: Vnni, const R: usize>(
+        x: &Tile<'_>,
+        blocks: &[B],
+        out: &mut [&mut [f32]],
+        col: usize,
+    ) {
         assert_eq!(x.rows, R, "a tile of {} rows in the {R}-row kernel", x.rows);
         let nb = blocks.len();
         let (q, d, s, sum) = (
@@ -562,8 +569,8 @@ pub(crate) mod avx512 {
                 }
             }
         }
-        for (o, a) in out.chunks_exact_mut(PANEL).zip(&acc) {
-            let o = &mut o[..PANEL];
+        for (o, a) in out[..R].iter_mut().zip(&acc) {
+            let o = &mut o[col..][..PANEL];
             // SAFETY: `o` is 16 writable `f32`s; the store is unaligned.
             unsafe { _mm512_storeu_ps(o.as_mut_ptr(), *a) };
         }
@@ -702,10 +709,15 @@ pub(crate) mod avx2 {
 
     /// The rows of the tile `x` (`R` of them, at most 4: the registers
     /// hold no more) against one whole panel (`blocks`: all of `k`), into
-    /// `out` (`R × PANEL`): [`super::dot_tile`]'s values, one half of the
-    /// panel at a time.
+    /// columns `col..col + PANEL` of `out`'s rows: [`super::dot_tile`]'s
+    /// values, one half of the panel at a time.
     #[target_feature(enable = "avx2,fma")]
-    pub(crate) fn dot_tile<B: Dot, const R: usize>(x: &Tile<'_>, blocks: &[B], out: &mut [f32]) {
+    pub(crate) fn dot_tile<B: Dot, const R: usize>(
+        x: &Tile<'_>,
+        blocks: &[B],
+        out: &mut [&mut [f32]],
+        col: usize,
+    ) {
         assert_eq!(x.rows, R, "a tile of {} rows in the {R}-row kernel", x.rows);
         let nb = blocks.len();
         let (q, d, s) = (&x.q[..nb * R * QK], &x.d[..nb * R], &x.s[..nb * R]);
@@ -742,8 +754,8 @@ pub(crate) mod avx2 {
                     }
                 }
             }
-            for (o, a) in out.chunks_exact_mut(PANEL).zip(&acc) {
-                let o = &mut o[8 * h..][..8];
+            for (o, a) in out[..R].iter_mut().zip(&acc) {
+                let o = &mut o[col + 8 * h..][..8];
                 // SAFETY: `o` is 8 writable `f32`s; the store is unaligned.
                 unsafe { _mm256_storeu_ps(o.as_mut_ptr(), *a) };
             }
