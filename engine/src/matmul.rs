@@ -35,9 +35,10 @@
 //! order, and the fix-ups are the same on every path, so the invariance
 //! holds here too (it is not the F32 weights' arithmetic, nor meant to
 //! be). Threads split the panels; each runs its panels against tiles of up
-//! to [`QROWS`] rows (a block's bytes are unpacked once per tile, and each
-//! row costs 8 `vpdpbusd`s a block where the F32 path needs 32 FMAs),
-//! writing its columns of `Y` in place.
+//! to [`QROWS`] rows (the quantized rows regrouped by `quant::QTiles` so a
+//! tile's activations for a block sit together; a block's bytes are loaded
+//! and unpacked once per tile, and each row costs 8 `vpdpbusd`s a block
+//! where the F32 path needs 32 FMAs), writing its columns of `Y` in place.
 
 #[cfg(test)]
 use crate::quant::QRows;
