@@ -388,7 +388,7 @@ fn quant_matmul<B: quant::Kernel>(
 ) {
     let m = rows.len();
     let xq = quant::quantize_rows(x, k, isa == Isa::Avx512);
-    let xt = QTiles::new(&xq, k, tile_rows(isa));
+    let xt = QTiles::new(xq, k, tile_rows(isa));
     let mut segments = row_segments(rows, n, per_task * PANEL);
     let xt = &xt;
     segments
@@ -457,11 +457,11 @@ fn quant_entry<B: quant::Kernel>(
 #[target_feature(enable = "avx2,fma")]
 fn quant_avx2<B: quant::Kernel>(xt: &QTiles, k: usize, wp: &[B], out: &mut [&mut [f32]]) {
     use quant::avx2::dot_tile;
-    quant_panels(xt, k, wp, out, |x, panel, o, col| match x.rows {
-        4 => dot_tile::<B, 4>(x, panel, o, col),
-        3 => dot_tile::<B, 3>(x, panel, o, col),
-        2 => dot_tile::<B, 2>(x, panel, o, col),
-        _ => dot_tile::<B, 1>(x, panel, o, col),
+    quant_panels(xt, k, wp, out, |x, wp, nb, o| match x.rows {
+        4 => dot_tile::<B, 4>(x, wp, nb, o),
+        3 => dot_tile::<B, 3>(x, wp, nb, o),
+        2 => dot_tile::<B, 2>(x, wp, nb, o),
+        _ => dot_tile::<B, 1>(x, wp, nb, o),
     })
 }
 
@@ -470,34 +470,31 @@ fn quant_avx2<B: quant::Kernel>(xt: &QTiles, k: usize, wp: &[B], out: &mut [&mut
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 fn quant_512<B: quant::Kernel>(xt: &QTiles, k: usize, wp: &[B], out: &mut [&mut [f32]]) {
     use quant::avx512::dot_tile;
-    quant_panels(xt, k, wp, out, |x, panel, o, col| match x.rows {
-        8 => dot_tile::<B, 8>(x, panel, o, col),
-        7 => dot_tile::<B, 7>(x, panel, o, col),
-        6 => dot_tile::<B, 6>(x, panel, o, col),
-        5 => dot_tile::<B, 5>(x, panel, o, col),
-        4 => dot_tile::<B, 4>(x, panel, o, col),
-        3 => dot_tile::<B, 3>(x, panel, o, col),
-        2 => dot_tile::<B, 2>(x, panel, o, col),
-        _ => dot_tile::<B, 1>(x, panel, o, col),
+    quant_panels(xt, k, wp, out, |x, wp, nb, o| match x.rows {
+        8 => dot_tile::<B, 8>(x, wp, nb, o),
+        7 => dot_tile::<B, 7>(x, wp, nb, o),
+        6 => dot_tile::<B, 6>(x, wp, nb, o),
+        5 => dot_tile::<B, 5>(x, wp, nb, o),
+        4 => dot_tile::<B, 4>(x, wp, nb, o),
+        3 => dot_tile::<B, 3>(x, wp, nb, o),
+        2 => dot_tile::<B, 2>(x, wp, nb, o),
+        _ => dot_tile::<B, 1>(x, wp, nb, o),
     })
 }
 
-/// Each panel of `wp` against each tile of `xt`: `dot` writes a tile's
-/// `rows × PANEL` outputs straight into its rows' stretches in `out`, at
-/// the panel's columns.
+/// Each tile of `xt` against all the panels of `wp`: `dot` writes a
+/// tile's outputs straight into its rows' stretches in `out`. (One call a
+/// tile, not one a panel and tile: a decode step's rows are one tile.)
 #[inline(always)]
 fn quant_panels<B: QBlock>(
     xt: &QTiles,
     k: usize,
     wp: &[B],
     out: &mut [&mut [f32]],
-    mut dot: impl FnMut(&Tile<'_>, &[B], &mut [&mut [f32]], usize),
+    mut dot: impl FnMut(&Tile<'_>, &[B], usize, &mut [&mut [f32]]),
 ) {
-    let tiles: Vec<(usize, Tile<'_>)> = xt.tiles().collect();
-    for (pi, panel) in wp.chunks_exact(k / QK).enumerate() {
-        for (r0, x) in &tiles {
-            dot(x, panel, &mut out[*r0..*r0 + x.rows], pi * PANEL);
-        }
+    for (r0, x) in xt.tiles() {
+        dot(&x, wp, k / QK, &mut out[r0..r0 + x.rows]);
     }
 }
 

@@ -330,11 +330,24 @@ pub(crate) struct Tile<'a> {
 
 impl QTiles {
     /// `x` (`m` rows of `k`, from [`quantize_rows`]) in tiles of up to
-    /// `per` rows.
-    pub fn new(x: &QRows, k: usize, per: usize) -> QTiles {
+    /// `per` rows. (Tiles of one row are the rows as they are: a decode
+    /// step of one sequence moves nothing.)
+    pub fn new(x: QRows, k: usize, per: usize) -> QTiles {
         assert!(per > 0, "tiles of no rows");
         let nb = k / QK;
         let m = x.d.len() / nb;
+        if m <= 1 || per == 1 {
+            let QRows { q, d, s, sum } = x;
+            return QTiles {
+                per,
+                nb,
+                m,
+                q,
+                d,
+                s,
+                sum,
+            };
+        }
         let mut out = QTiles {
             per,
             nb,
@@ -378,34 +391,36 @@ impl QTiles {
     }
 }
 
-/// Panel blocks of `blocks` (all of one panel's `k`) against the rows of
-/// the tile `x`, scalar: row `r`'s columns `col..col + PANEL` (in
-/// `out[r]`) get each element's fix-up chain over the blocks from zero
+/// The panels in `panels` (`nb` blocks each: all of `k`) against the rows
+/// of the tile `x`, scalar: row `r`'s columns `16p .. 16p + 16` (in
+/// `out[r]`) get panel `p`'s fix-up chains over its blocks from zero
 /// (see the module docs).
 #[inline(always)]
-pub(crate) fn dot_tile<B: QBlock>(x: &Tile<'_>, blocks: &[B], out: &mut [&mut [f32]], col: usize) {
+pub(crate) fn dot_tile<B: QBlock>(x: &Tile<'_>, panels: &[B], nb: usize, out: &mut [&mut [f32]]) {
     let rows = x.rows;
-    for (r, o) in out.iter_mut().enumerate().take(rows) {
-        let mut acc = [0.0f32; PANEL];
-        for (b, blk) in blocks.iter().enumerate() {
-            let i = b * rows + r;
-            let xq = &x.q[i * QK..][..QK];
-            let (dx, sx) = (x.d[i], x.s[i]);
-            let init = B::init(x.sum[i]);
-            for (j, a) in acc.iter_mut().enumerate() {
-                let mut sumi = init;
-                for (kk, &qx) in xq.iter().enumerate() {
-                    sumi += i32::from(blk.byte(kk, j)) * i32::from(qx);
-                }
-                let (dw, mw) = blk.scales(j);
-                let t = sumi as f32 * dx;
-                *a = dw.mul_add(t, *a);
-                if B::MIN {
-                    *a = mw.mul_add(sx, *a);
+    for (p, blocks) in panels.chunks_exact(nb).enumerate() {
+        for (r, o) in out.iter_mut().enumerate().take(rows) {
+            let mut acc = [0.0f32; PANEL];
+            for (b, blk) in blocks.iter().enumerate() {
+                let i = b * rows + r;
+                let xq = &x.q[i * QK..][..QK];
+                let (dx, sx) = (x.d[i], x.s[i]);
+                let init = B::init(x.sum[i]);
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let mut sumi = init;
+                    for (kk, &qx) in xq.iter().enumerate() {
+                        sumi += i32::from(blk.byte(kk, j)) * i32::from(qx);
+                    }
+                    let (dw, mw) = blk.scales(j);
+                    let t = sumi as f32 * dx;
+                    *a = dw.mul_add(t, *a);
+                    if B::MIN {
+                        *a = mw.mul_add(sx, *a);
+                    }
                 }
             }
+            o[p * PANEL..][..PANEL].copy_from_slice(&acc);
         }
-        o[col..][..PANEL].copy_from_slice(&acc);
     }
 }
 
@@ -496,10 +511,10 @@ pub(crate) mod avx512 {
     /// alone reaches as far ahead; they do not prefetch).
     const AHEAD: usize = 4;
 
-    /// The rows of the tile `x` (`R` of them) against one whole panel
-    /// (`blocks`: all of `k`), into columns `col..col + PANEL` of `out`'s
-    /// rows:
-    /// [`super::dot_tile`]'s values. A block's bytes are loaded and
+    /// The rows of the tile `x` (`R` of them) against the panels in
+    /// `panels` (`nb` blocks each: all of `k`), panel `p` into columns
+    /// `16p ..` of `out`'s rows: [`super::dot_tile`]'s values (one
+    /// call for all of a task's panels). A block's bytes are loaded and
     /// unpacked once for all `R` rows; per group of 4 bytes, one
     /// `vpdpbusd` per row, the rows' integer sums side by side (with one
     /// or two rows, each row's sum split into partial sums, added at the
@@ -509,12 +524,11 @@ pub(crate) mod avx512 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
     pub(crate) fn dot_tile<B: Vnni, const R: usize>(
         x: &Tile<'_>,
-        blocks: &[B],
+        panels: &[B],
+        nb: usize,
         out: &mut [&mut [f32]],
-        col: usize,
     ) {
         assert_eq!(x.rows, R, "a tile of {} rows in the {R}-row kernel", x.rows);
-        let nb = blocks.len();
         let (q, d, s, sum) = (
             &x.q[..nb * R * QK],
             &x.d[..nb * R],
@@ -527,52 +541,54 @@ pub(crate) mod avx512 {
             2..=3 => 2,
             _ => 1,
         };
-        let mut acc = [_mm512_setzero_ps(); R];
-        for (b, blk) in blocks.iter().enumerate() {
-            // The block's lines (and one more, as a block need not start
-            // on a line).
-            if R >= 4 {
-                crate::simd::prefetch(
-                    blocks.as_ptr().wrapping_add(b + AHEAD).cast(),
-                    std::mem::size_of::<B>() + 64,
-                );
-            }
-            // SAFETY: this function has the features `Vnni` needs.
-            let (w, [dw, mw]) = unsafe { (blk.groups(), blk.scales512()) };
-            let xq = &q[b * R * QK..][..R * QK];
-            let (db, sb, ib) = (&d[b * R..][..R], &s[b * R..][..R], &sum[b * R..][..R]);
-            let mut sumi = [[_mm512_setzero_si512(); 4]; R];
-            for (si, &i) in sumi.iter_mut().zip(ib) {
-                si[0] = _mm512_set1_epi32(B::init(i));
-            }
-            for (g, wg) in w.iter().enumerate() {
-                for (r, si) in sumi.iter_mut().enumerate() {
-                    let xg = &xq[r * QK + 4 * g..][..4];
-                    let xg = _mm512_set1_epi32(i32::from_le_bytes([
-                        xg[0] as u8,
-                        xg[1] as u8,
-                        xg[2] as u8,
-                        xg[3] as u8,
-                    ]));
-                    let c = &mut si[g % split];
-                    *c = _mm512_dpbusd_epi32(*c, *wg, xg);
+        for (p, blocks) in panels.chunks_exact(nb).enumerate() {
+            let mut acc = [_mm512_setzero_ps(); R];
+            for (b, blk) in blocks.iter().enumerate() {
+                // The block's lines (and one more, as a block need not start
+                // on a line).
+                if R >= 4 {
+                    crate::simd::prefetch(
+                        blocks.as_ptr().wrapping_add(b + AHEAD).cast(),
+                        std::mem::size_of::<B>() + 64,
+                    );
+                }
+                // SAFETY: this function has the features `Vnni` needs.
+                let (w, [dw, mw]) = unsafe { (blk.groups(), blk.scales512()) };
+                let xq = &q[b * R * QK..][..R * QK];
+                let (db, sb, ib) = (&d[b * R..][..R], &s[b * R..][..R], &sum[b * R..][..R]);
+                let mut sumi = [[_mm512_setzero_si512(); 4]; R];
+                for (si, &i) in sumi.iter_mut().zip(ib) {
+                    si[0] = _mm512_set1_epi32(B::init(i));
+                }
+                for (g, wg) in w.iter().enumerate() {
+                    for (r, si) in sumi.iter_mut().enumerate() {
+                        let xg = &xq[r * QK + 4 * g..][..4];
+                        let xg = _mm512_set1_epi32(i32::from_le_bytes([
+                            xg[0] as u8,
+                            xg[1] as u8,
+                            xg[2] as u8,
+                            xg[3] as u8,
+                        ]));
+                        let c = &mut si[g % split];
+                        *c = _mm512_dpbusd_epi32(*c, *wg, xg);
+                    }
+                }
+                for (r, (a, si)) in acc.iter_mut().zip(&sumi).enumerate() {
+                    let total = si[1..split]
+                        .iter()
+                        .fold(si[0], |t, &p| _mm512_add_epi32(t, p));
+                    let t = _mm512_mul_ps(_mm512_cvtepi32_ps(total), _mm512_set1_ps(db[r]));
+                    *a = _mm512_fmadd_ps(dw, t, *a);
+                    if B::MIN {
+                        *a = _mm512_fmadd_ps(mw, _mm512_set1_ps(sb[r]), *a);
+                    }
                 }
             }
-            for (r, (a, si)) in acc.iter_mut().zip(&sumi).enumerate() {
-                let total = si[1..split]
-                    .iter()
-                    .fold(si[0], |t, &p| _mm512_add_epi32(t, p));
-                let t = _mm512_mul_ps(_mm512_cvtepi32_ps(total), _mm512_set1_ps(db[r]));
-                *a = _mm512_fmadd_ps(dw, t, *a);
-                if B::MIN {
-                    *a = _mm512_fmadd_ps(mw, _mm512_set1_ps(sb[r]), *a);
-                }
+            for (o, a) in out[..R].iter_mut().zip(&acc) {
+                let o = &mut o[p * PANEL..][..PANEL];
+                // SAFETY: `o` is 16 writable `f32`s; the store is unaligned.
+                unsafe { _mm512_storeu_ps(o.as_mut_ptr(), *a) };
             }
-        }
-        for (o, a) in out[..R].iter_mut().zip(&acc) {
-            let o = &mut o[col..][..PANEL];
-            // SAFETY: `o` is 16 writable `f32`s; the store is unaligned.
-            unsafe { _mm512_storeu_ps(o.as_mut_ptr(), *a) };
         }
     }
 
@@ -708,19 +724,34 @@ pub(crate) mod avx2 {
     }
 
     /// The rows of the tile `x` (`R` of them, at most 4: the registers
-    /// hold no more) against one whole panel (`blocks`: all of `k`), into
-    /// columns `col..col + PANEL` of `out`'s rows: [`super::dot_tile`]'s
-    /// values, one half of the panel at a time.
+    /// hold no more) against the panels in `panels` (`nb` blocks each: all
+    /// of `k`), panel `p` into columns `16p ..` of `out`'s rows:
+    /// [`super::dot_tile`]'s values, one half of a panel at a time.
     #[target_feature(enable = "avx2,fma")]
     pub(crate) fn dot_tile<B: Dot, const R: usize>(
         x: &Tile<'_>,
+        panels: &[B],
+        nb: usize,
+        out: &mut [&mut [f32]],
+    ) {
+        assert_eq!(x.rows, R, "a tile of {} rows in the {R}-row kernel", x.rows);
+        let (q, d, s) = (&x.q[..nb * R * QK], &x.d[..nb * R], &x.s[..nb * R]);
+        for (p, blocks) in panels.chunks_exact(nb).enumerate() {
+            dot_panel::<B, R>(q, d, s, blocks, out, p * PANEL);
+        }
+    }
+
+    /// One panel of [`dot_tile`].
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn dot_panel<B: Dot, const R: usize>(
+        q: &[i8],
+        d: &[f32],
+        s: &[f32],
         blocks: &[B],
         out: &mut [&mut [f32]],
         col: usize,
     ) {
-        assert_eq!(x.rows, R, "a tile of {} rows in the {R}-row kernel", x.rows);
-        let nb = blocks.len();
-        let (q, d, s) = (&x.q[..nb * R * QK], &x.d[..nb * R], &x.s[..nb * R]);
         for h in 0..2 {
             let mut acc = [_mm256_setzero_ps(); R];
             for (b, blk) in blocks.iter().enumerate() {
