@@ -94,8 +94,9 @@ pub struct EngineArgs {
     /// Concurrent decode streams [default: 8].
     #[arg(long)]
     pub streams: Option<usize>,
-    /// Repeats of the cold, one-stream decode and warm measurements; the
-    /// median is reported [default: 3; --quick: 1 (warm: 2)].
+    /// Repeats of the cold, decode (one stream, then all streams at once,
+    /// in turns) and warm measurements; the median is reported [default:
+    /// 3; --quick: 1 (warm: 2)].
     #[arg(long)]
     pub repeats: Option<usize>,
     /// Agent sessions sharing the system prompt [default: 16; --quick: 4].
@@ -560,13 +561,22 @@ pub struct Decode {
 #[derive(Debug, Clone, Serialize)]
 pub struct Concurrent {
     pub streams: usize,
+    /// One entry per repeat, each run right after a one-stream decode.
+    pub rounds: Vec<ConcurrentRound>,
+    /// Median over the rounds.
+    pub aggregate_tokens_per_s: f64,
+    /// Aggregate over the one-stream median.
+    pub vs_single: f64,
+}
+
+/// All streams started at once, once.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConcurrentRound {
     pub tokens: Vec<u64>,
     pub ttft_ms: Vec<f64>,
     /// From the first stream's first chunk to the last stream's last chunk.
     pub window_s: f64,
     pub aggregate_tokens_per_s: f64,
-    /// Aggregate over the one-stream median.
-    pub vs_single: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -658,6 +668,56 @@ pub struct ServerResults {
     pub agent: Agent,
 }
 
+/// Starts every stream of `plan.concurrent` at once and times them together.
+fn concurrent_round(addr: SocketAddr, plan: &Plan, sizes: &Sizes) -> Result<ConcurrentRound> {
+    let barrier = std::sync::Barrier::new(plan.concurrent.len());
+    let results: Vec<Result<(Instant, Streamed)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = plan
+            .concurrent
+            .iter()
+            .map(|m| {
+                let barrier = &barrier;
+                scope.spawn(move || {
+                    barrier.wait();
+                    let sent = Instant::now();
+                    openai::stream(addr, CHAT, &chat_body(m, sizes.decode_tokens))
+                        .map(|s| (sent, s))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("stream thread panicked")))
+            })
+            .collect()
+    });
+    let results = results.into_iter().collect::<Result<Vec<_>>>()?;
+    let start = results
+        .iter()
+        .filter_map(|(sent, s)| s.first.map(|f| *sent + f))
+        .min()
+        .context("no stream produced text")?;
+    let end = results
+        .iter()
+        .filter_map(|(sent, s)| s.last.map(|l| *sent + l))
+        .max()
+        .context("no stream produced text")?;
+    let tokens: Vec<u64> = results.iter().map(|(_, s)| s.tokens()).collect();
+    let window = end.duration_since(start).as_secs_f64();
+    Ok(ConcurrentRound {
+        ttft_ms: results
+            .iter()
+            .map(|(_, s)| s.first.map_or(f64::NAN, ms))
+            .collect(),
+        aggregate_tokens_per_s: tokens.iter().map(|n| n.saturating_sub(1)).sum::<u64>() as f64
+            / window,
+        tokens,
+        window_s: window,
+    })
+}
+
 fn measure(
     name: &str,
     addr: SocketAddr,
@@ -698,12 +758,19 @@ fn measure(
     cold.prefill_tokens_per_s = median(&rates);
     cold.median_ttft_ms = median(&cold.ttft_ms);
 
-    say("decode, one stream");
+    // One-stream and many-stream decode take turns, so that their ratio
+    // compares runs a few seconds apart on a shared machine.
+    say(&format!(
+        "decode, one stream and {} streams at once, {} rounds",
+        plan.concurrent.len(),
+        plan.decode.len()
+    ));
     let mut decode = Decode {
         tokens: Vec::new(),
         tokens_per_s: Vec::new(),
         median_tokens_per_s: 0.0,
     };
+    let mut rounds = Vec::new();
     for m in &plan.decode {
         let s = openai::stream(addr, CHAT, &chat_body(m, sizes.decode_tokens))?;
         let n = s.tokens();
@@ -716,58 +783,18 @@ fn measure(
         decode
             .tokens_per_s
             .push((n - 1) as f64 / (last - first).as_secs_f64());
+        rounds.push(concurrent_round(addr, plan, sizes)?);
     }
     decode.median_tokens_per_s = median(&decode.tokens_per_s);
-
-    say(&format!(
-        "decode, {} streams at once",
-        plan.concurrent.len()
-    ));
-    let barrier = std::sync::Barrier::new(plan.concurrent.len());
-    let results: Vec<Result<(Instant, Streamed)>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = plan
-            .concurrent
+    let aggregate = median(
+        &rounds
             .iter()
-            .map(|m| {
-                let barrier = &barrier;
-                scope.spawn(move || {
-                    barrier.wait();
-                    let sent = Instant::now();
-                    openai::stream(addr, CHAT, &chat_body(m, sizes.decode_tokens))
-                        .map(|s| (sent, s))
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("stream thread panicked")))
-            })
-            .collect()
-    });
-    let results = results.into_iter().collect::<Result<Vec<_>>>()?;
-    let start = results
-        .iter()
-        .filter_map(|(sent, s)| s.first.map(|f| *sent + f))
-        .min()
-        .context("no stream produced text")?;
-    let end = results
-        .iter()
-        .filter_map(|(sent, s)| s.last.map(|l| *sent + l))
-        .max()
-        .context("no stream produced text")?;
-    let tokens: Vec<u64> = results.iter().map(|(_, s)| s.tokens()).collect();
-    let window = end.duration_since(start).as_secs_f64();
-    let aggregate = tokens.iter().map(|n| n.saturating_sub(1)).sum::<u64>() as f64 / window;
+            .map(|r| r.aggregate_tokens_per_s)
+            .collect::<Vec<_>>(),
+    );
     let concurrent = Concurrent {
-        streams: results.len(),
-        ttft_ms: results
-            .iter()
-            .map(|(_, s)| s.first.map_or(f64::NAN, ms))
-            .collect(),
-        tokens,
-        window_s: window,
+        streams: plan.concurrent.len(),
+        rounds,
         aggregate_tokens_per_s: aggregate,
         vs_single: aggregate / decode.median_tokens_per_s,
     };
@@ -1393,9 +1420,12 @@ mod tests {
             },
             concurrent: Concurrent {
                 streams: 8,
-                tokens: vec![128; 8],
-                ttft_ms: vec![1.0; 8],
-                window_s: 1.0,
+                rounds: vec![ConcurrentRound {
+                    tokens: vec![128; 8],
+                    ttft_ms: vec![1.0; 8],
+                    window_s: 1.0,
+                    aggregate_tokens_per_s: 240.0 / scale,
+                }],
                 aggregate_tokens_per_s: 240.0 / scale,
                 vs_single: 4.0 / scale,
             },
