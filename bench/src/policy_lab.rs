@@ -880,18 +880,15 @@ impl ShapeRateLru {
         row * OUTPUT_BUCKETS + out
     }
 
-    fn current_key(&self, w: &World, b: u32) -> u64 {
-        let b = b as usize;
-        // Offset so that shifts below zero keep the key positive.
-        const BASE: f64 = 1e9;
-        if self.hist.is_tail(w, b) {
-            return fkey(BASE + f64::from(self.hist.block_last[b]));
-        }
-        let f = w.root[b] as usize;
+    /// The key of the blocks of family `f` that are not known tails.
+    fn family_key(&self, f: usize) -> u64 {
         let reference = self.rates.pooled(Self::FIRST_SEEN);
         let ratio = self.rates.rate(self.fam_class[f], reference) / reference;
-        fkey(BASE + f64::from(self.hist.fam_last[f]) + self.residence.0 * ratio.ln())
+        fkey(Self::BASE + f64::from(self.hist.fam_last[f]) + self.residence.0 * ratio.ln())
     }
+
+    /// Offset so that shifts below zero keep keys positive.
+    const BASE: f64 = 1e9;
 }
 
 impl LabPolicy for ShapeRateLru {
@@ -903,8 +900,14 @@ impl LabPolicy for ShapeRateLru {
             .arrive(t, (uses > 0).then_some(self.fam_class[f]), to);
         self.fam_class[f] = to;
         self.hist.record(w, t, req);
+        let family = self.family_key(f);
         for &b in req {
-            self.keys[b as usize] = self.current_key(w, b);
+            let b = b as usize;
+            self.keys[b] = if self.hist.is_tail(w, b) {
+                fkey(Self::BASE + f64::from(self.hist.block_last[b]))
+            } else {
+                family
+            };
         }
     }
     fn key(&self, _: &World, b: u32, _: usize) -> u64 {
