@@ -200,7 +200,8 @@ fn run_replay(args: ReplayArgs) -> Result<()> {
     let run = report::RunInfo::collect(serde_json::to_value(&args)?);
     let source = args.source.load(args.block_tokens)?;
     let trace = &source.trace;
-    let prep = replay::Prepared::new(trace.as_tokens()?);
+    let prep = replay::Prepared::new(trace.as_tokens()?)
+        .with_output(trace.requests.iter().map(|r| r.output_length));
     eprintln!(
         "{}: {} requests, {} blocks, {} distinct",
         source.label,

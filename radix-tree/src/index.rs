@@ -5,7 +5,7 @@ use crate::clock::{Clock, MonotonicClock};
 use crate::error::{IndexError, Result};
 use crate::events::EventSink;
 use crate::namespace::{NamespaceConfig, NamespaceId, NamespaceKey};
-use crate::policy::{EvictionPolicy, Lru};
+use crate::policy::{EvictionPolicy, InsertHints, Lru};
 use crate::sync::{
     spin_loop, yield_now, Arc, AtomicU64, OnceLock, Ordering, RwLock, RwLockReadGuard,
     RwLockWriteGuard,
@@ -536,11 +536,29 @@ impl RadixIndex {
         blocks: &[BlockId],
         priority: u8,
     ) -> Result<InsertOutcome> {
+        let hints = InsertHints {
+            priority,
+            ..InsertHints::default()
+        };
+        self.insert_with_hints(ns, tokens, tier, blocks, hints)
+    }
+
+    /// [`insert`](Self::insert) with what the caller knows of the request
+    /// (its priority, the tokens it generated) for policies that weigh it.
+    /// Every node on the prompt's path records the access.
+    pub fn insert_with_hints(
+        &self,
+        ns: NamespaceId,
+        tokens: &[u32],
+        tier: Tier,
+        blocks: &[BlockId],
+        hints: InsertHints,
+    ) -> Result<InsertOutcome> {
         let entry = self.entry(ns)?;
         self.check_insert(entry, tokens, blocks)?;
         let out = with_chain_hashes(entry.seed, tokens, entry.page_size, |hashes| {
             self.write_op(entry, |tree, ctx| {
-                tree.insert(tokens, hashes, tier, blocks, priority, ctx)
+                tree.insert(tokens, hashes, tier, blocks, hints, ctx)
             })
         });
         self.counters
@@ -567,7 +585,15 @@ impl RadixIndex {
         let seed = parent.unwrap_or(entry.seed);
         let out = with_chain_hashes(seed, tokens, entry.page_size, |hashes| {
             self.write_op(entry, |tree, ctx| {
-                tree.insert_after(parent, tokens, hashes, tier, blocks, 0, ctx)
+                tree.insert_after(
+                    parent,
+                    tokens,
+                    hashes,
+                    tier,
+                    blocks,
+                    InsertHints::default(),
+                    ctx,
+                )
             })
         })?;
         self.counters

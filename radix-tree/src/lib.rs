@@ -74,7 +74,7 @@ pub use events::{EventSink, IndexEvent};
 pub use hash::PageHash;
 pub use index::{IndexConfig, IndexConfigBuilder, IndexStats, RadixIndex};
 pub use namespace::{NamespaceConfig, NamespaceId, NamespaceKey};
-pub use policy::EvictionPolicy;
+pub use policy::{EvictionPolicy, InsertHints};
 pub use tier::{BlockId, PageLocation, Tier, TIERS};
 pub use tree::{Candidate, EvictedPage, InsertOutcome, Match, PageSnapshot};
 

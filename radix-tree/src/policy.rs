@@ -15,6 +15,9 @@ use crate::hash::PageHash;
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
 use std::fmt;
 
+mod odds;
+pub use odds::ReturnOdds;
+
 /// Bits a policy key may use.
 pub const KEY_BITS: u32 = 52;
 /// Largest key a policy may return.
@@ -115,6 +118,25 @@ pub enum AccessKind {
 pub struct Access {
     pub tick: u64,
     pub kind: AccessKind,
+    /// The node's last access before this one (its creation tick if none).
+    pub previous: u64,
+    /// Where the request's prompt ends, in pages from the namespace's root:
+    /// how far this node lies from the end of the request that used it.
+    pub prompt_pages: u32,
+    /// Tokens the request generated, when the caller said
+    /// ([`InsertHints::output_tokens`]); 0 when not known (always on a lookup).
+    pub output_tokens: u32,
+}
+
+/// What a caller may say about the request behind an insert.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InsertHints {
+    /// Ranked by the `priority` policy (higher outlives lower; 0 = normal).
+    pub priority: u8,
+    /// Tokens the request generated after this prompt (0 = not known).
+    /// Engines that store a request's blocks when it finishes know it; the
+    /// `odds` policy learns from it how likely a prompt is to come back.
+    pub output_tokens: u32,
 }
 
 /// Ranks nodes for eviction; smaller keys go first.
@@ -131,6 +153,15 @@ pub trait EvictionPolicy: Send + Sync + fmt::Debug {
     /// [`NodeInfo`]), so the tree must re-rank a node after each page it
     /// evicts from it instead of taking a run of its tail at once.
     fn ranks_each_page(&self) -> bool {
+        false
+    }
+
+    /// True when the policy learns from what inserts say of their request
+    /// ([`InsertHints`], and the prompt's end): callers that can should
+    /// insert the whole prompt with
+    /// [`insert_with_hints`](crate::RadixIndex::insert_with_hints), so that
+    /// every node on its path records the use.
+    fn reads_insert_hints(&self) -> bool {
         false
     }
 
@@ -300,9 +331,10 @@ pub fn by_name(name: &str) -> Option<std::sync::Arc<dyn EvictionPolicy>> {
         "slru" => Arc::new(Slru::default()),
         "priority" => Arc::new(PriorityLru),
         "cost" => Arc::new(CostAware::default()),
+        "odds" => Arc::new(ReturnOdds::default()),
         _ => return None,
     })
 }
 
 /// Names accepted by [`by_name`].
-pub const POLICY_NAMES: &[&str] = &["lru", "lfu", "slru", "priority", "cost"];
+pub const POLICY_NAMES: &[&str] = &["lru", "lfu", "slru", "priority", "cost", "odds"];

@@ -16,7 +16,9 @@ use crate::children::Children;
 use crate::error::{IndexError, Result};
 use crate::events::IndexEvent;
 use crate::hash::{edge_key, PageHash, PassThroughBuild, ShortHash};
-use crate::policy::{Access, AccessKind, EvictionPolicy, NodeInfo, NodeStats, KEY_BITS, KEY_MAX};
+use crate::policy::{
+    Access, AccessKind, EvictionPolicy, InsertHints, NodeInfo, NodeStats, KEY_BITS, KEY_MAX,
+};
 use crate::{BlockId, LeaseId, NamespaceId, PageLocation, PinKind, Tier, TIERS};
 use std::collections::{BTreeSet, HashMap};
 
@@ -362,8 +364,26 @@ impl Tree {
         }
     }
 
-    fn touch(&self, n: u32, policy: &dyn EvictionPolicy, access: Access) {
+    /// The access an insert of `pages` pages below node `start` records.
+    fn insert_access(&self, start: u32, pages: usize, hints: InsertHints, tick: u64) -> Access {
+        let before = if start == ROOT {
+            0
+        } else {
+            let node = &self.nodes[start as usize];
+            node.depth_pages as usize + node.pages()
+        };
+        Access {
+            tick,
+            kind: AccessKind::Insert,
+            previous: 0,
+            prompt_pages: (before + pages).min(u32::MAX as usize) as u32,
+            output_tokens: hints.output_tokens,
+        }
+    }
+
+    fn touch(&self, n: u32, policy: &dyn EvictionPolicy, mut access: Access) {
         let node = &self.nodes[n as usize];
+        access.previous = node.stats.last_access();
         node.stats.record(access);
         policy.on_access(&node.stats, &self.info(n), access);
     }
@@ -406,6 +426,9 @@ impl Tree {
         let access = Access {
             tick,
             kind: AccessKind::Hit,
+            previous: 0,
+            prompt_pages: (tokens.len() / self.page_size).min(u32::MAX as usize) as u32,
+            output_tokens: 0,
         };
         self.walk(tokens, |n, count, full| {
             let node = &self.nodes[n as usize];
@@ -864,10 +887,10 @@ impl Tree {
         hashes: &[PageHash],
         tier: Tier,
         blocks: &[BlockId],
-        priority: u8,
+        hints: InsertHints,
         ctx: &mut OpCtx<'_>,
     ) -> InsertOutcome {
-        self.insert_from(ROOT, tokens, hashes, tier, blocks, priority, ctx)
+        self.insert_from(ROOT, tokens, hashes, tier, blocks, hints, ctx)
     }
 
     /// Inserts the pages that follow the cached page `parent` (`None`: the
@@ -881,7 +904,7 @@ impl Tree {
         hashes: &[PageHash],
         tier: Tier,
         blocks: &[BlockId],
-        priority: u8,
+        hints: InsertHints,
         ctx: &mut OpCtx<'_>,
     ) -> Result<InsertOutcome> {
         let start = match parent {
@@ -893,15 +916,12 @@ impl Tree {
                 } else {
                     n
                 };
-                let access = Access {
-                    tick: ctx.tick,
-                    kind: AccessKind::Insert,
-                };
+                let access = self.insert_access(n, tokens.len() / self.page_size, hints, ctx.tick);
                 self.touch(n, ctx.policy, access);
                 n
             }
         };
-        let out = self.insert_from(start, tokens, hashes, tier, blocks, priority, ctx);
+        let out = self.insert_from(start, tokens, hashes, tier, blocks, hints, ctx);
         // Re-rank the parent after the insert, not before: a parent that
         // just gained a child with copies has left its eviction sets, and
         // ranking it first would move it in a set only to take it out.
@@ -919,17 +939,15 @@ impl Tree {
         hashes: &[PageHash],
         tier: Tier,
         blocks: &[BlockId],
-        priority: u8,
+        hints: InsertHints,
         ctx: &mut OpCtx<'_>,
     ) -> InsertOutcome {
         let ps = self.page_size;
         let total = tokens.len() / ps;
         let t = tier.index();
         let mut out = InsertOutcome::default();
-        let access = Access {
-            tick: ctx.tick,
-            kind: AccessKind::Insert,
-        };
+        let access = self.insert_access(start, total, hints, ctx.tick);
+        let priority = hints.priority;
         let mut node = start;
         let mut page = 0;
         while page < total {
@@ -983,7 +1001,7 @@ impl Tree {
                 &hashes[page..total],
                 &blocks[page..total],
                 tier,
-                priority,
+                (priority, access),
                 ctx,
             );
         }
@@ -1001,7 +1019,7 @@ impl Tree {
         hashes: &[PageHash],
         blocks: &[BlockId],
         tier: Tier,
-        priority: u8,
+        (priority, access): (u8, Access),
         ctx: &mut OpCtx<'_>,
     ) -> u32 {
         let ps = self.page_size;
@@ -1063,10 +1081,6 @@ impl Tree {
         self.add_child(parent, n);
         // The new leaf holds copies on `tier`: one more child with presence.
         self.nodes[parent as usize].tier_children[t] += 1;
-        let access = Access {
-            tick: ctx.tick,
-            kind: AccessKind::Insert,
-        };
         self.touch(n, ctx.policy, access);
         self.refresh(n, t, ctx.policy);
         self.propagate(parent, parent_before, ctx.policy);

