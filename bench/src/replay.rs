@@ -106,7 +106,6 @@ pub fn replay(
             radix_tree::policy::by_name(name).expect("policy names are checked by the caller")
         }
     };
-    let hinted = policy.reads_insert_hints();
     let config = IndexConfig::builder()
         .policy(policy)
         .build()
@@ -131,25 +130,22 @@ pub fn replay(
             .expect("valid request");
         hit_blocks += m.pages as u64;
         total_blocks += tokens.len() as u64;
-        let stored = if hinted {
-            // The whole prompt, as an engine stores a finished request, so
-            // that every node on it learns the request's output length.
-            let hints = InsertHints {
-                output_tokens: prep.output[i],
-                ..InsertHints::default()
-            };
-            index.insert_with_hints(ns, tokens, Tier::Host, &blocks[..tokens.len()], hints)
-        } else {
-            // Store what the lookup missed, after the page where the hit ended.
-            index.insert_after(
+        // Store what the lookup missed, after the page where the hit ended,
+        // with the request's output length for policies that learn from it.
+        let hints = InsertHints {
+            output_tokens: prep.output[i],
+            ..InsertHints::default()
+        };
+        let stored = index
+            .insert_after_with_hints(
                 ns,
                 m.last_page,
                 &tokens[m.pages..],
                 Tier::Host,
                 &blocks[m.pages..tokens.len()],
+                hints,
             )
-        }
-        .expect("the hit's last page is cached: nothing ran in between");
+            .expect("the hit's last page is cached: nothing ran in between");
         if let Some(cap) = capacity_blocks {
             let held = index.tier_pages(Tier::Host);
             if held > cap {

@@ -580,20 +580,28 @@ impl RadixIndex {
         tier: Tier,
         blocks: &[BlockId],
     ) -> Result<InsertOutcome> {
+        self.insert_after_with_hints(ns, parent, tokens, tier, blocks, InsertHints::default())
+    }
+
+    /// [`insert_after`](Self::insert_after) with what the caller knows of
+    /// the request. For a policy that reads hints, every node from the root
+    /// to `parent` records the access too, as if the whole prompt had been
+    /// inserted.
+    pub fn insert_after_with_hints(
+        &self,
+        ns: NamespaceId,
+        parent: Option<PageHash>,
+        tokens: &[u32],
+        tier: Tier,
+        blocks: &[BlockId],
+        hints: InsertHints,
+    ) -> Result<InsertOutcome> {
         let entry = self.entry(ns)?;
         self.check_insert(entry, tokens, blocks)?;
         let seed = parent.unwrap_or(entry.seed);
         let out = with_chain_hashes(seed, tokens, entry.page_size, |hashes| {
             self.write_op(entry, |tree, ctx| {
-                tree.insert_after(
-                    parent,
-                    tokens,
-                    hashes,
-                    tier,
-                    blocks,
-                    InsertHints::default(),
-                    ctx,
-                )
+                tree.insert_after(parent, tokens, hashes, tier, blocks, hints, ctx)
             })
         })?;
         self.counters

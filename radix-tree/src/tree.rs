@@ -918,6 +918,16 @@ impl Tree {
                 };
                 let access = self.insert_access(n, tokens.len() / self.page_size, hints, ctx.tick);
                 self.touch(n, ctx.policy, access);
+                if ctx.policy.reads_insert_hints() {
+                    // The prefix above was used too: tell the policy of each
+                    // node on it, as an insert from the root would.
+                    let mut up = self.nodes[n as usize].parent;
+                    while up != ROOT {
+                        self.touch(up, ctx.policy, access);
+                        self.rekey_in_sets(up, ctx.policy);
+                        up = self.nodes[up as usize].parent;
+                    }
+                }
                 n
             }
         };

@@ -22,12 +22,14 @@
 //! ghost (their class and last use, by first page, in a bounded FIFO) so
 //! that a return after eviction is still credited to its class.
 //!
-//! A use is a lookup that finds the node followed by an insert of the
-//! whole prompt ([`RadixIndex::insert_with_hints`](crate::RadixIndex::insert_with_hints),
-//! as an engine stores a finished request): the lookup credits the return,
-//! the insert sets the new use's class. A node that is only looked up (its
-//! request stored only its new pages, with `insert_after`) keeps its class
-//! and has its later returns uncredited until an insert covers it again.
+//! A use is a lookup that finds the node: it credits the return of the
+//! last use and starts a new one, classed with the last output length
+//! known. The insert that follows (the request's blocks stored, with
+//! [`InsertHints::output_tokens`]) moves that use to the class of its real
+//! output. An insert with no lookup before it (another tier's copy, a
+//! duplicate) is not a use. With `insert_after`, the index touches every
+//! node from the root to the parent for policies that read hints, so a
+//! store of the new pages alone refines the whole prompt's use.
 //!
 //! Cost: one short critical section per access to learn and price the
 //! class (a lookup takes it too, to credit a return). Keys are fixed at
@@ -73,9 +75,7 @@ impl Class {
     fn new(uses: u32, length_bucket: usize, output_tokens: u32, from_end: u32) -> Self {
         let uses = (uses as usize).clamp(1, USES) - 1;
         let out = log2_bucket(output_tokens as usize, OUTPUTS);
-        let fine = ((uses * OUTPUTS + out) * LENGTHS + length_bucket) * DEPTHS
-            + (from_end as usize).min(DEPTHS - 1);
-        Self(fine as u16)
+        Self::from_parts(uses, out, length_bucket, from_end)
     }
     fn fine(self) -> usize {
         usize::from(self.0)
@@ -88,6 +88,24 @@ impl Class {
     }
     fn length_bucket(self) -> usize {
         self.fine() / DEPTHS % LENGTHS
+    }
+    fn output_bucket(self) -> usize {
+        self.coarse() % OUTPUTS
+    }
+    /// The class of a later use of the same node: `uses` so far, the output
+    /// if known (0: keep the last one known), and its distance from the end.
+    fn next(self, uses: u32, output_tokens: u32, from_end: u32) -> Self {
+        let out = match output_tokens {
+            0 => self.output_bucket(),
+            o => log2_bucket(o as usize, OUTPUTS),
+        };
+        let uses = (uses as usize).clamp(1, USES) - 1;
+        Self::from_parts(uses, out, self.length_bucket(), from_end)
+    }
+    fn from_parts(uses: usize, out: usize, length_bucket: usize, from_end: u32) -> Self {
+        let fine = ((uses * OUTPUTS + out) * LENGTHS + length_bucket) * DEPTHS
+            + (from_end as usize).min(DEPTHS - 1);
+        Self(fine as u16)
     }
 }
 
@@ -117,6 +135,13 @@ impl Tally {
         self.decay_to(now, mu);
         self.uses += pages;
         self.decayed += pages;
+    }
+    /// Takes back a use made at `then` (a lookup's, refined by its insert).
+    fn unused(&mut self, now: u64, mu: f64, pages: f64, then: u64) {
+        self.decay_to(now, mu);
+        self.uses = (self.uses - pages).max(0.0);
+        let left = pages * (-(now.saturating_sub(then) as f64) / mu).exp();
+        self.decayed = (self.decayed - left).max(0.0);
     }
     fn estimate(&mut self, now: u64, mu: f64, prior: f64) -> f64 {
         self.decay_to(now, mu);
@@ -155,6 +180,13 @@ impl Learner {
         self.fine[c.fine()].used(now, mu, pages);
         self.coarse[c.coarse()].used(now, mu, pages);
         self.by_uses[c.uses()].used(now, mu, pages);
+    }
+
+    fn unused(&mut self, c: Class, pages: f64, now: u64, then: u64) {
+        let mu = self.mu(c.uses());
+        self.fine[c.fine()].unused(now, mu, pages, then);
+        self.coarse[c.coarse()].unused(now, mu, pages, then);
+        self.by_uses[c.uses()].unused(now, mu, pages, then);
     }
 
     /// The key of a node used at `now` in class `c`.
@@ -218,54 +250,58 @@ impl EvictionPolicy for ReturnOdds {
     }
 
     fn on_access(&self, stats: &NodeStats, node: &NodeInfo, access: Access) {
-        let (credited, class, key) = unpack(stats.aux());
+        let (looked_up, class, key) = unpack(stats.aux());
         let pages = f64::from(node.pages);
-        let gap = access.tick.saturating_sub(access.previous);
+        // From the node's first page: a node that ends a prompt is often
+        // the whole of a new prompt, not only its tail.
+        let from_end = access.prompt_pages.saturating_sub(node.depth_pages + 1);
         let mut l = self.learner.lock();
-        match access.kind {
-            AccessKind::Hit => {
-                // A use is a lookup that finds the node: it credits the
-                // return (once until the next insert), and the insert that
-                // follows sets the use's class. A lookup may only raise the key.
-                if let Some(c) = class {
-                    if !credited {
-                        l.returned(c, pages, gap);
-                    }
-                    let now = l.key(c, access.tick);
-                    stats.set_aux(pack(true, c, key.max(now)));
-                }
-            }
-            AccessKind::Insert => {
-                let before = match class {
-                    // A new node: a ghost says whether it was here before.
-                    None => l.ghosts.remove(&node.first_page).map(|(c, last)| {
-                        l.returned(c, pages, access.tick.saturating_sub(last));
-                        c
-                    }),
-                    // The insert that follows a lookup: a new use.
-                    Some(c) if credited => Some(c),
-                    // Inserted again with no lookup between (another
-                    // tier's copy, a duplicate): not a use.
-                    Some(_) => return,
-                };
-                let uses = match (class, before) {
-                    (Some(_), _) => stats.hits() + 1,
-                    (None, Some(ghost)) => ghost.uses() as u32 + 2,
-                    (None, None) => 1,
-                };
-                let length = before.map_or_else(
-                    || log2_bucket(access.prompt_pages as usize, LENGTHS),
-                    Class::length_bucket,
-                );
-                // From the node's first page: a node that ends a prompt is
-                // often the whole of a new prompt, not only its tail.
-                let from_end = access.prompt_pages.saturating_sub(node.depth_pages + 1);
-                let c = Class::new(uses, length, access.output_tokens, from_end);
+        let c = match (access.kind, class) {
+            // A lookup that finds the node is a use: it credits the return
+            // of the last one and starts a new one, in the last use's class
+            // updated (the output is not known yet). It may only raise the key.
+            (AccessKind::Hit, Some(was)) => {
+                l.returned(was, pages, access.tick.saturating_sub(access.previous));
+                let c = was.next(stats.hits() + 1, 0, from_end);
                 l.used(c, pages, access.tick);
-                let key = l.key(c, access.tick);
-                stats.set_aux(pack(false, c, key));
+                let now = l.key(c, access.tick);
+                stats.set_aux(pack(true, c, key.max(now)));
+                return;
             }
-        }
+            (AccessKind::Hit, None) => return,
+            // The insert that follows a lookup says the rest of that use's
+            // class (the output); the use moves to it.
+            (AccessKind::Insert, Some(was)) if looked_up => {
+                let c = was.next(was.uses() as u32 + 1, access.output_tokens, from_end);
+                if c != was {
+                    l.unused(was, pages, access.tick, access.previous);
+                    l.used(c, pages, access.tick);
+                }
+                c
+            }
+            // Inserted again with no lookup between (another tier's copy, a
+            // duplicate): not a use.
+            (AccessKind::Insert, Some(_)) => return,
+            // A new node: a ghost says whether it was here before.
+            (AccessKind::Insert, None) => {
+                let c = match l.ghosts.remove(&node.first_page) {
+                    Some((ghost, last)) => {
+                        l.returned(ghost, pages, access.tick.saturating_sub(last));
+                        ghost.next(ghost.uses() as u32 + 2, access.output_tokens, from_end)
+                    }
+                    None => Class::new(
+                        1,
+                        log2_bucket(access.prompt_pages as usize, LENGTHS),
+                        access.output_tokens,
+                        from_end,
+                    ),
+                };
+                l.used(c, pages, access.tick);
+                c
+            }
+        };
+        let key = l.key(c, access.tick);
+        stats.set_aux(pack(false, c, key));
     }
 
     fn key(&self, stats: &NodeStats, _: &NodeInfo) -> u64 {
@@ -363,6 +399,64 @@ mod tests {
         let odds = run(Arc::new(ReturnOdds::default()));
         assert!(lru < 0.01, "lru {lru}");
         assert!(odds > 0.5, "odds {odds}");
+    }
+
+    /// The accounting of uses: a lookup credits a return and starts a use;
+    /// the insert that follows refines that use (no second one); an insert
+    /// with no lookup before it is not a use.
+    #[test]
+    fn lookups_are_uses_and_inserts_refine_them() {
+        let odds = ReturnOdds::default();
+        let stats = NodeStats::new(0);
+        let info = NodeInfo {
+            depth_pages: 0,
+            pages: 4,
+            page_size: 16,
+            priority: 0,
+            last_page: PageHash::from_le_bytes([1; 16]),
+            first_page: PageHash::from_le_bytes([2; 16]),
+        };
+        let access = |tick, kind, output_tokens| Access {
+            tick,
+            kind,
+            previous: stats.last_access(),
+            prompt_pages: 6,
+            output_tokens,
+        };
+        let touch = |a: Access| {
+            stats.record(a);
+            odds.on_access(&stats, &info, a);
+        };
+        let totals = || {
+            let l = odds.learner.lock();
+            let uses: f64 = l.by_uses.iter().map(|t| t.uses).sum();
+            let returns: f64 = l.by_uses.iter().map(|t| t.returns).sum();
+            (uses, returns)
+        };
+        touch(access(0, AccessKind::Insert, 500));
+        assert_eq!(totals(), (4.0, 0.0));
+        // Another tier's copy, no lookup between: nothing learned.
+        touch(access(1, AccessKind::Insert, 500));
+        assert_eq!(totals(), (4.0, 0.0));
+        // Two requests that only look the prompt up: two returns, two uses.
+        touch(access(10, AccessKind::Hit, 0));
+        touch(access(20, AccessKind::Hit, 0));
+        assert_eq!(totals(), (12.0, 8.0));
+        // A third request stores after its lookup with a short answer: one
+        // more use, moved to the short answer's class.
+        touch(access(30, AccessKind::Hit, 0));
+        let before = unpack(stats.aux()).1.unwrap();
+        touch(access(31, AccessKind::Insert, 5));
+        let after = unpack(stats.aux()).1.unwrap();
+        assert_eq!(totals(), (16.0, 12.0));
+        assert_eq!(before.uses(), after.uses());
+        assert_ne!(before.output_bucket(), after.output_bucket());
+        assert_eq!(after.output_bucket(), log2_bucket(5, OUTPUTS));
+        let l = odds.learner.lock();
+        assert_eq!(
+            (l.fine[before.fine()].uses, l.fine[after.fine()].uses),
+            (0.0, 4.0)
+        );
     }
 
     /// Young uses count as fractions of a trial: a class too recent to have
