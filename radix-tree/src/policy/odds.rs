@@ -11,8 +11,9 @@
 //! A node's class at an insert: its uses so far (1, 2, 3, 4+), the log₂
 //! length in pages of the prompt that created it, the log₂ output length
 //! the caller gave ([`InsertHints::output_tokens`]; on the trace a short
-//! answer predicts a follow-up), and how far the node ends from the end of
-//! the prompt (a request's last pages are its own).
+//! answer predicts a follow-up), and how far the node's first page is from
+//! the end of the prompt (a request's last pages are its own; the first
+//! page, because a node that ends a prompt is often all of a new prompt).
 //!
 //! `p_c` is learned online with censoring accounted for: a use `a` ticks
 //! old counts as `1 − e^{−a/μ}` of a trial (the chance a returning page
@@ -52,14 +53,15 @@ const PSEUDO: f64 = 4.0;
 /// prompts could otherwise hold their class for many times its wait.
 const P_MAX: f64 = 0.9;
 const P_MIN: f64 = 0.01;
-/// Mean wait (ticks) before any return is seen, and its weight.
+/// Mean wait (ticks) before any return is seen; it weighs as one return.
 const PRIOR_GAP: f64 = 200.0;
 /// Ghosts remembered (a few bytes each).
 const GHOSTS: usize = 1 << 16;
 
-// A node's policy word: bit 63 = its return was already credited at a
-// lookup; bits KEY_BITS-1..63 = class + 1 (0: none yet); the rest = key.
-const RETURNED: u64 = 1 << 63;
+// A node's policy word: bit 63 = its current use began at a lookup (the
+// next insert refines it); bits KEY_BITS-1..63 = class + 1 (0: none yet);
+// the rest = key.
+const LOOKED_UP: u64 = 1 << 63;
 const CLASS_SHIFT: u32 = KEY_BITS - 1;
 const KEY_MASK: u64 = (1 << CLASS_SHIFT) - 1;
 // Class + 1 fits between the flag and the key.
@@ -232,16 +234,16 @@ impl Default for ReturnOdds {
 }
 
 fn unpack(aux: u64) -> (bool, Option<Class>, u64) {
-    let class = ((aux & !RETURNED) >> CLASS_SHIFT) as u16;
+    let class = ((aux & !LOOKED_UP) >> CLASS_SHIFT) as u16;
     (
-        aux & RETURNED != 0,
+        aux & LOOKED_UP != 0,
         class.checked_sub(1).map(Class),
         aux & KEY_MASK,
     )
 }
 
-fn pack(returned: bool, class: Class, key: u64) -> u64 {
-    (if returned { RETURNED } else { 0 }) | (u64::from(class.0 + 1) << CLASS_SHIFT) | key
+fn pack(looked_up: bool, class: Class, key: u64) -> u64 {
+    (if looked_up { LOOKED_UP } else { 0 }) | (u64::from(class.0 + 1) << CLASS_SHIFT) | key
 }
 
 impl EvictionPolicy for ReturnOdds {
@@ -262,7 +264,7 @@ impl EvictionPolicy for ReturnOdds {
             // updated (the output is not known yet). It may only raise the key.
             (AccessKind::Hit, Some(was)) => {
                 l.returned(was, pages, access.tick.saturating_sub(access.previous));
-                let c = was.next(stats.hits() + 1, 0, from_end);
+                let c = was.next(stats.hits().saturating_add(1), 0, from_end);
                 l.used(c, pages, access.tick);
                 let now = l.key(c, access.tick);
                 stats.set_aux(pack(true, c, key.max(now)));
@@ -331,9 +333,9 @@ mod tests {
     #[test]
     fn the_policy_word_round_trips() {
         let c = Class::new(3, 7, 40, 2);
-        for returned in [false, true] {
+        for looked_up in [false, true] {
             for key in [0, 1, KEY_MASK / 3, KEY_MASK] {
-                assert_eq!(unpack(pack(returned, c, key)), (returned, Some(c), key));
+                assert_eq!(unpack(pack(looked_up, c, key)), (looked_up, Some(c), key));
             }
         }
         assert_eq!(unpack(0), (false, None, 0));
