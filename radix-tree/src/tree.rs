@@ -1011,7 +1011,8 @@ impl Tree {
                 &hashes[page..total],
                 &blocks[page..total],
                 tier,
-                (priority, access),
+                priority,
+                access,
                 ctx,
             );
         }
@@ -1029,7 +1030,8 @@ impl Tree {
         hashes: &[PageHash],
         blocks: &[BlockId],
         tier: Tier,
-        (priority, access): (u8, Access),
+        priority: u8,
+        access: Access,
         ctx: &mut OpCtx<'_>,
     ) -> u32 {
         let ps = self.page_size;

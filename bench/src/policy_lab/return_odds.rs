@@ -21,7 +21,7 @@
 //! never returns. Sparse classes borrow strength from (use count, output)
 //! and then from the use count alone, by `PSEUDO` pseudo-trials each.
 
-use super::{fkey, output_bucket, LabPolicy, World, OUTPUT_BUCKETS};
+use super::{fkey, output_bucket, LabPolicy, World, NONE, OUTPUT_BUCKETS};
 
 const USES: usize = 4;
 const LENGTHS: usize = 10;
@@ -34,7 +34,6 @@ const PSEUDO: f64 = 4.0;
 /// it, a handful of documents could pin their class for thousands of requests.
 const P_MAX: f64 = 0.9;
 const P_MIN: f64 = 0.01;
-const NONE: u32 = u32::MAX;
 
 /// A block's class at one use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
