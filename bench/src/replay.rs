@@ -181,19 +181,20 @@ pub fn replay(
     }
 }
 
+/// The bundled trace with its output lengths.
+#[cfg(test)]
+pub(crate) fn bundled() -> Prepared {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../data/traces/synthetic_trace.jsonl");
+    let trace = crate::trace::Trace::load(&path).unwrap();
+    Prepared::new(trace.as_tokens().unwrap())
+        .with_output(trace.requests.iter().map(|r| r.output_length))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::capacity::parse_list;
-    use crate::trace::Trace;
-
-    fn bundled() -> Prepared {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../data/traces/synthetic_trace.jsonl");
-        let trace = Trace::load(&path).unwrap();
-        Prepared::new(trace.as_tokens().unwrap())
-            .with_output(trace.requests.iter().map(|r| r.output_length))
-    }
 
     /// `odds` learns from the output lengths the replay passes at insert:
     /// with them it beats LRU at 3M and 10M tokens on the bundled trace;

@@ -28,7 +28,7 @@ use crate::report::{self, RunInfo};
 use crate::workload::SourceArgs;
 use anyhow::{bail, ensure, Context, Result};
 use cache_server::{Cache, CacheConfig, CacheError, LookupOptions, WriteMode};
-use radix_tree::{Tier, TIERS};
+use radix_tree::{InsertHints, Tier, TIERS};
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -303,11 +303,12 @@ fn configurations(args: &TieredArgs) -> Result<Vec<TierSizes>> {
         .collect()
 }
 
-/// Replays `requests` (one token per block) through a fresh cache.
-/// `progress` is told how many requests are done.
+/// Replays `prep`'s requests (one token per block) through a fresh cache,
+/// each stored with its output length. `progress` is told how many
+/// requests are done.
 #[allow(clippy::too_many_arguments)]
 pub fn replay_tiered(
-    requests: &[Vec<u32>],
+    prep: &Prepared,
     sizes: TierSizes,
     policy: &str,
     write_mode: WriteMode,
@@ -355,8 +356,13 @@ pub fn replay_tiered(
         promote,
     };
     let start = Instant::now();
+    let requests = &prep.tokens;
     for (i, tokens) in requests.iter().enumerate() {
         let n = tokens.len();
+        let hints = InsertHints {
+            output_tokens: prep.output.get(i).copied().unwrap_or(0),
+            ..InsertHints::default()
+        };
         total += n as u64;
         let l = cache.lookup(ns, tokens, options)?;
         for (h, f) in hits.iter_mut().zip(l.fastest_pages()) {
@@ -368,7 +374,8 @@ pub fn replay_tiered(
         let mut done = l.pages;
         while done < n {
             let end = (done + chunk).min(n);
-            let reached = match cache.store(ns, &tokens[..end], done, &zeros[..(end - done) * bb]) {
+            let data = &zeros[..(end - done) * bb];
+            let reached = match cache.store_with_hints(ns, &tokens[..end], done, data, hints) {
                 Ok(o) if o.cached_pages < done => o.cached_pages,
                 Ok(o) => {
                     stored += o.stored_pages as u64;
@@ -461,7 +468,8 @@ pub fn run(args: &TieredArgs) -> Result<()> {
     let run = RunInfo::collect(serde_json::to_value(args)?);
     let source = args.source.load(args.block_tokens)?;
     let requests = source.trace.as_tokens()?;
-    let prep = Prepared::new(requests.clone());
+    let prep = Prepared::new(requests.clone())
+        .with_output(source.trace.requests.iter().map(|r| r.output_length));
     let ceiling = replay::replay(&prep, &PolicyChoice::Online("lru".into()), None);
     eprintln!(
         "{}: {} requests, {} blocks, {} distinct; infinite-cache hit rate {:.3}",
@@ -486,7 +494,7 @@ pub fn run(args: &TieredArgs) -> Result<()> {
                 sizes.device_blocks, sizes.host_blocks, sizes.disk_blocks
             );
             let r = replay_tiered(
-                &requests,
+                &prep,
                 sizes,
                 policy,
                 write_mode,
@@ -674,7 +682,7 @@ mod tests {
     fn run(requests: &[Vec<u32>], sizes: TierSizes, policy: &str, mode: WriteMode) -> TieredResult {
         let dir = tempfile::tempdir().unwrap();
         replay_tiered(
-            requests,
+            &Prepared::new(requests.to_vec()),
             sizes,
             policy,
             mode,
@@ -684,6 +692,44 @@ mod tests {
             &mut |_| {},
         )
         .unwrap()
+    }
+
+    /// The cache passes each store's output length to the index: `odds`
+    /// through the real cache learns from the trace's output lengths as
+    /// it does in the index replay, and is blind without them.
+    #[test]
+    fn odds_reads_output_lengths_through_the_cache() {
+        let told = replay::bundled();
+        let blind = Prepared::new(told.tokens.clone());
+        // 3M tokens of 512-token blocks, host only.
+        let sizes = TierSizes {
+            device_blocks: 0,
+            host_blocks: 5859,
+            disk_blocks: 0,
+        };
+        let hit = |prep: &Prepared, policy: &str| {
+            let dir = tempfile::tempdir().unwrap();
+            let mode = WriteMode::WriteBack;
+            let cost = cost(512);
+            replay_tiered(
+                prep,
+                sizes,
+                policy,
+                mode,
+                true,
+                &cost,
+                dir.path(),
+                &mut |_| {},
+            )
+            .unwrap()
+            .hit_rate
+        };
+        let (odds, lru, odds_blind) = (hit(&told, "odds"), hit(&told, "lru"), hit(&blind, "odds"));
+        assert!(odds > lru + 0.02, "odds {odds} vs lru {lru}");
+        assert!(
+            odds > odds_blind + 0.01,
+            "odds {odds} vs without outputs {odds_blind}"
+        );
     }
 
     /// Hits per tier add up, nothing beats the infinite cache, and every

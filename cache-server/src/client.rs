@@ -233,6 +233,20 @@ fn tuned(e: Endpoint) -> Endpoint {
         .max_frame_size(MAX_FRAME)
 }
 
+fn store_header(
+    scope: &Scope,
+    tokens: &[u32],
+    first_page: usize,
+    output_tokens: u32,
+) -> pb::StoreHeader {
+    pb::StoreHeader {
+        scope: Some(scope.wire()),
+        tokens: wire_tokens(tokens),
+        first_page: first_page as u32,
+        output_tokens,
+    }
+}
+
 /// Token ids as the contract carries them: u32 little-endian.
 fn wire_tokens(tokens: &[u32]) -> Vec<u8> {
     tokens.iter().flat_map(|t| t.to_le_bytes()).collect()
@@ -464,11 +478,32 @@ impl Client {
         data: Bytes,
         block_bytes: usize,
     ) -> Result<StoreReply> {
-        let header = pb::StoreHeader {
-            scope: Some(scope.wire()),
-            tokens: wire_tokens(tokens),
-            first_page: first_page as u32,
-        };
+        let header = store_header(scope, tokens, first_page, 0);
+        self.store_stream(header, data, block_bytes).await
+    }
+
+    /// [`Client::store`] for a finished request that generated
+    /// `output_tokens`: the server's `odds` policy learns from output
+    /// lengths which prompts come back.
+    pub async fn store_with_output(
+        &self,
+        scope: &Scope,
+        tokens: &[u32],
+        first_page: usize,
+        data: Bytes,
+        block_bytes: usize,
+        output_tokens: u32,
+    ) -> Result<StoreReply> {
+        let header = store_header(scope, tokens, first_page, output_tokens);
+        self.store_stream(header, data, block_bytes).await
+    }
+
+    async fn store_stream(
+        &self,
+        header: pb::StoreHeader,
+        data: Bytes,
+        block_bytes: usize,
+    ) -> Result<StoreReply> {
         let step = block_bytes.max(1);
         let mut messages = Vec::with_capacity(data.len() / step + 1);
         let mut offset = 0;
@@ -518,16 +553,26 @@ impl Client {
         tokens: &[u32],
         first_page: usize,
     ) -> Result<StoreReply> {
+        self.commit_shm_with_output(reservation, scope, tokens, first_page, 0)
+            .await
+    }
+
+    /// [`Client::commit_shm`] for a finished request that generated
+    /// `output_tokens` (see [`Client::store_with_output`]).
+    pub async fn commit_shm_with_output(
+        &self,
+        reservation: u64,
+        scope: &Scope,
+        tokens: &[u32],
+        first_page: usize,
+        output_tokens: u32,
+    ) -> Result<StoreReply> {
         let r = self
             .cache
             .clone()
             .commit_shm(pb::CommitShmRequest {
                 reservation_id: reservation,
-                header: Some(pb::StoreHeader {
-                    scope: Some(scope.wire()),
-                    tokens: wire_tokens(tokens),
-                    first_page: first_page as u32,
-                }),
+                header: Some(store_header(scope, tokens, first_page, output_tokens)),
             })
             .await?
             .into_inner();

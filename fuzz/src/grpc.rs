@@ -143,6 +143,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
                 scope: scope.clone(),
                 tokens: tokens(&(0..12).map(|t| t + 500).collect::<Vec<_>>()),
                 first_page: 0,
+                output_tokens: 12,
             }),
         }
         .encode_to_vec(),
@@ -208,6 +209,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
             scope: scope.clone(),
             tokens: tokens(&fresh),
             first_page: 0,
+            output_tokens: 40,
         }),
         data: vec![3; 2 * BLOCK].into(),
     });

@@ -15,8 +15,8 @@ mod maintenance;
 mod shm;
 use parking_lot::Mutex;
 use radix_tree::{
-    BlockId, Candidate, EvictedPage, IndexConfig, IndexError, Lease, NamespaceConfig, NamespaceId,
-    NamespaceKey, PageHash, PageLocation, PinKind, RadixIndex, Tier, TIERS,
+    BlockId, Candidate, EvictedPage, IndexConfig, IndexError, InsertHints, Lease, NamespaceConfig,
+    NamespaceId, NamespaceKey, PageHash, PageLocation, PinKind, RadixIndex, Tier, TIERS,
 };
 pub use shm::HostReservation;
 use std::collections::HashMap;
@@ -338,6 +338,19 @@ impl Cache {
         first_page: usize,
         data: &[u8],
     ) -> Result<StoreOutcome> {
+        self.store_with_hints(ns, tokens, first_page, data, InsertHints::default())
+    }
+
+    /// [`Cache::store`] with what the caller knows of the request (its
+    /// output length, for the `odds` policy).
+    pub fn store_with_hints(
+        &self,
+        ns: NamespaceId,
+        tokens: &[u32],
+        first_page: usize,
+        data: &[u8],
+        hints: InsertHints,
+    ) -> Result<StoreOutcome> {
         self.reap();
         let ps = self.config.page_size;
         let bb = self.config.block_bytes;
@@ -354,7 +367,7 @@ impl Cache {
                 pages - first_page
             )));
         }
-        self.store_with(ns, tokens, first_page, &|i| &data[i * bb..][..bb])
+        self.store_with(ns, tokens, first_page, &|i| &data[i * bb..][..bb], hints)
     }
 
     /// [`Cache::store`] with one slice per page instead of one buffer, so
@@ -366,6 +379,18 @@ impl Cache {
         tokens: &[u32],
         first_page: usize,
         blocks: &[&[u8]],
+    ) -> Result<StoreOutcome> {
+        self.store_blocks_with_hints(ns, tokens, first_page, blocks, InsertHints::default())
+    }
+
+    /// [`Cache::store_blocks`] with what the caller knows of the request.
+    pub fn store_blocks_with_hints(
+        &self,
+        ns: NamespaceId,
+        tokens: &[u32],
+        first_page: usize,
+        blocks: &[&[u8]],
+        hints: InsertHints,
     ) -> Result<StoreOutcome> {
         self.reap();
         let bb = self.config.block_bytes;
@@ -388,7 +413,7 @@ impl Cache {
                 b.len()
             )));
         }
-        self.store_with(ns, tokens, first_page, &|i| blocks[i])
+        self.store_with(ns, tokens, first_page, &|i| blocks[i], hints)
     }
 
     /// The store itself, once the input is checked: `block(i)` is the
@@ -399,6 +424,7 @@ impl Cache {
         tokens: &[u32],
         first_page: usize,
         block: &dyn Fn(usize) -> &'d [u8],
+        hints: InsertHints,
     ) -> Result<StoreOutcome> {
         let ps = self.config.page_size;
         let pages = tokens.len() / ps;
@@ -423,7 +449,8 @@ impl Cache {
             &|p| block(skip + p),
             top,
         )?;
-        let stored = self.insert_written(ns, parent, new_tokens, &hashes[cached..], top, slots)?;
+        let stored =
+            self.insert_written(ns, parent, new_tokens, &hashes[cached..], top, slots, hints)?;
         if self.config.write_mode == WriteMode::WriteThrough {
             self.write_through(ns, &hashes[cached..pages]);
         }
@@ -495,8 +522,15 @@ impl Cache {
             &|p| &data[(cached + p) * bb..][..bb],
             top,
         )?;
-        let stored =
-            self.insert_written(ns, first_parent, new_tokens, &hashes[cached..], top, slots)?;
+        let stored = self.insert_written(
+            ns,
+            first_parent,
+            new_tokens,
+            &hashes[cached..],
+            top,
+            slots,
+            InsertHints::default(),
+        )?;
         if self.config.write_mode == WriteMode::WriteThrough {
             self.write_through(ns, &hashes[cached..]);
         }
@@ -555,6 +589,7 @@ impl Cache {
     /// `parent`, named `hashes`) on `tier`, in chunks so that no lookup waits long behind
     /// one store. Blocks the index does not take are freed. Returns the
     /// pages stored.
+    #[allow(clippy::too_many_arguments)]
     fn insert_written(
         &self,
         ns: NamespaceId,
@@ -563,6 +598,7 @@ impl Cache {
         hashes: &[PageHash],
         tier: Tier,
         slots: Vec<BlockId>,
+        hints: InsertHints,
     ) -> Result<usize> {
         let ps = self.config.page_size;
         let mut stored = 0;
@@ -570,7 +606,10 @@ impl Cache {
             let first = c * STORE_CHUNK;
             let parent = first.checked_sub(1).map(|i| hashes[i]).or(parent);
             let span = &tokens[first * ps..(first + chunk.len()) * ps];
-            match self.index.insert_after(ns, parent, span, tier, chunk) {
+            match self
+                .index
+                .insert_after_with_hints(ns, parent, span, tier, chunk, hints)
+            {
                 Ok(out) => {
                     stored += out.new_pages;
                     self.free_all(tier, &out.rejected);

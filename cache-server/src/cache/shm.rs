@@ -5,7 +5,7 @@
 use super::{Cache, StoreOutcome};
 use crate::config::WriteMode;
 use crate::error::{CacheError, Result};
-use radix_tree::{BlockId, NamespaceId, Tier};
+use radix_tree::{BlockId, InsertHints, NamespaceId, Tier};
 use std::sync::atomic::Ordering;
 use tiers::{BlockPool, SlotId};
 
@@ -63,6 +63,19 @@ impl Cache {
         first_page: usize,
         slots: &[SlotId],
     ) -> Result<StoreOutcome> {
+        self.commit_host_with_hints(ns, tokens, first_page, slots, InsertHints::default())
+    }
+
+    /// [`Cache::commit_host`] with what the caller knows of the request
+    /// (its output length, for the `odds` policy).
+    pub fn commit_host_with_hints(
+        &self,
+        ns: NamespaceId,
+        tokens: &[u32],
+        first_page: usize,
+        slots: &[SlotId],
+        hints: InsertHints,
+    ) -> Result<StoreOutcome> {
         self.reap();
         let ps = self.config.page_size;
         let pages = tokens.len() / ps;
@@ -116,6 +129,7 @@ impl Cache {
             &hashes[cached..],
             Tier::Host,
             blocks,
+            hints,
         )?;
         self.stats
             .shm_commits

@@ -284,6 +284,7 @@ mod tests {
                 scope: None,
                 tokens: tokens(0..12),
                 first_page: 0,
+                output_tokens: 0,
             }),
             data: vec![1; 2 * BLOCK].into(),
         });
@@ -322,6 +323,7 @@ mod tests {
                 scope: None,
                 tokens: tokens(500..512),
                 first_page: 0,
+                output_tokens: 0,
             }),
             data: data[..100].to_vec().into(),
         });

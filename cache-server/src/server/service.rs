@@ -11,7 +11,7 @@ use crate::LookupOptions;
 use bytes::{Bytes, BytesMut};
 use proto::v1::cache_server::Cache as CacheRpc;
 use proto::v1::*;
-use radix_tree::{IndexError, IndexEvent, NamespaceId, PageHash, PinKind, Tier};
+use radix_tree::{IndexError, IndexEvent, InsertHints, NamespaceId, PageHash, PinKind, Tier};
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -510,7 +510,12 @@ impl CacheService {
             )));
         }
         let expected = (pages - first_page) * bb;
-        let tokens = Arc::new(tokens);
+        let target = StoreTarget {
+            tenant: &tenant.name,
+            ns,
+            tokens: Arc::new(tokens),
+            hints: store_hints(&header),
+        };
         // Whole blocks as received (slices of the messages, not copies),
         // and the start of a block split across messages.
         let mut blocks: Vec<Bytes> = Vec::with_capacity(STORE_BATCH);
@@ -541,9 +546,7 @@ impl CacheService {
             partial.extend_from_slice(&data);
             while blocks.len() >= STORE_BATCH && !stopped {
                 let chunk: Vec<Bytes> = blocks.drain(..STORE_BATCH).collect();
-                stopped = self
-                    .store_batch(&tenant.name, ns, &tokens, next, chunk, &mut outcome)
-                    .await?;
+                stopped = self.store_batch(&target, next, chunk, &mut outcome).await?;
                 next += STORE_BATCH;
             }
             if stopped {
@@ -566,7 +569,7 @@ impl CacheService {
         }
         // `received == expected`: whole blocks only, nothing partial left.
         if !blocks.is_empty() && !stopped {
-            self.store_batch(&tenant.name, ns, &tokens, next, blocks, &mut outcome)
+            self.store_batch(&target, next, blocks, &mut outcome)
                 .await?;
         }
         s.metrics
@@ -583,9 +586,7 @@ impl CacheService {
     /// whether storing must stop (the prefix left the cache meanwhile).
     async fn store_batch(
         &self,
-        tenant: &str,
-        ns: NamespaceId,
-        tokens: &Arc<Vec<u32>>,
+        target: &StoreTarget<'_>,
         start: usize,
         chunk: Vec<Bytes>,
         outcome: &mut Option<StoreResponse>,
@@ -593,12 +594,17 @@ impl CacheService {
         let ps = self.state.page_size();
         let end = start + chunk.len();
         let state = self.state.clone();
-        let tokens = tokens.clone();
+        let (ns, hints) = (target.ns, target.hints);
+        let tokens = target.tokens.clone();
         let out = blocking(move || {
             let blocks: Vec<&[u8]> = chunk.iter().map(|b| &b[..]).collect();
-            Ok(state
-                .cache
-                .store_blocks(ns, &tokens[..end * ps], start, &blocks)?)
+            Ok(state.cache.store_blocks_with_hints(
+                ns,
+                &tokens[..end * ps],
+                start,
+                &blocks,
+                hints,
+            )?)
         })
         .await?;
         if out.cached_pages < start {
@@ -612,7 +618,7 @@ impl CacheService {
         }
         self.state
             .metrics
-            .tenant(tenant)
+            .tenant(target.tenant)
             .add_stored(out.stored_pages);
         let o = outcome.get_or_insert(StoreResponse {
             cached_pages: out.cached_pages.min(end) as u32,
@@ -709,9 +715,14 @@ impl CacheService {
         };
         let state = s.clone();
         let first_page = header.first_page as usize;
+        let hints = store_hints(&header);
         let slots = reservation.slots;
-        let out =
-            blocking(move || Ok(state.cache.commit_host(ns, &tokens, first_page, &slots)?)).await?;
+        let out = blocking(move || {
+            Ok(state
+                .cache
+                .commit_host_with_hints(ns, &tokens, first_page, &slots, hints)?)
+        })
+        .await?;
         let bytes = (out.stored_pages * s.block_bytes()) as u64;
         s.metrics
             .shm_store_bytes
@@ -1108,5 +1119,21 @@ pub fn tenant_stats(state: &State, tenant: &str, quota_pages: u64) -> StatsRespo
         pinned_pages: state.cache.index().tenant_pinned_pages(tenant),
         leases: state.leases.count(tenant) as u64,
         quota_pages,
+    }
+}
+
+/// Where a streamed store goes, fixed by its header.
+struct StoreTarget<'a> {
+    tenant: &'a str,
+    ns: NamespaceId,
+    tokens: Arc<Vec<u32>>,
+    hints: InsertHints,
+}
+
+/// What a store's header says of its request, for the eviction policy.
+fn store_hints(header: &StoreHeader) -> InsertHints {
+    InsertHints {
+        output_tokens: header.output_tokens,
+        ..InsertHints::default()
     }
 }

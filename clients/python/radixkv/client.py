@@ -348,6 +348,7 @@ class Client:
         blocks: Blocks,
         *,
         first_page: int = 0,
+        output_tokens: int = 0,
         model: Optional[str] = None,
         adapter: Optional[str] = None,
         timeout: Optional[float] = None,
@@ -356,8 +357,11 @@ class Client:
         ``tokens`` (the whole prompt, prefix included; pages before
         ``first_page`` must be cached already). ``blocks`` is one buffer of
         every block back to back, or a sequence of blocks (or of any split);
-        the server checks that they add up to one block per whole page."""
-        header = pb.StoreHeader(scope=self._scope(model, adapter), tokens=_wire_tokens(tokens), first_page=first_page)
+        the server checks that they add up to one block per whole page.
+        ``output_tokens``: how many tokens the request generated, when it
+        has finished (0: not known); the ``odds`` policy learns from it
+        which prompts come back."""
+        header = self._store_header(tokens, first_page, output_tokens, model, adapter)
         chunk = self.chunk_bytes
 
         def requests() -> Iterator["pb.StoreRequest"]:
@@ -390,13 +394,15 @@ class Client:
         tokens: Sequence[int],
         *,
         first_page: int = 0,
+        output_tokens: int = 0,
         model: Optional[str] = None,
         adapter: Optional[str] = None,
         timeout: Optional[float] = None,
     ) -> StoreResult:
         """Makes the written reserved slots the blocks of pages
-        ``first_page..`` of ``tokens``, one slot per page in order."""
-        header = pb.StoreHeader(scope=self._scope(model, adapter), tokens=_wire_tokens(tokens), first_page=first_page)
+        ``first_page..`` of ``tokens``, one slot per page in order
+        (``output_tokens`` as in :meth:`store`)."""
+        header = self._store_header(tokens, first_page, output_tokens, model, adapter)
         req = pb.CommitShmRequest(reservation_id=reservation_id, header=header)
         r = self._unary("CommitShm", self._cache.CommitShm, req, timeout)
         return StoreResult(cached_pages=r.cached_pages, stored_pages=r.stored_pages)
@@ -407,6 +413,7 @@ class Client:
         blocks: Blocks,
         *,
         first_page: int = 0,
+        output_tokens: int = 0,
         ttl_ms: int = 30_000,
         model: Optional[str] = None,
         adapter: Optional[str] = None,
@@ -421,7 +428,27 @@ class Client:
         res = self.reserve_shm(pages, ttl_ms=ttl_ms, timeout=timeout)
         shm = self._mapped(res.shm_path, writable=True)
         shm.write_blocks(res.offsets, blocks)
-        return self.commit_shm(res.reservation_id, tokens, first_page=first_page, model=model, adapter=adapter, timeout=timeout)
+        return self.commit_shm(
+            res.reservation_id,
+            tokens,
+            first_page=first_page,
+            output_tokens=output_tokens,
+            model=model,
+            adapter=adapter,
+            timeout=timeout,
+        )
+
+    def _store_header(
+        self, tokens: Sequence[int], first_page: int, output_tokens: int, model: Optional[str], adapter: Optional[str]
+    ) -> "pb.StoreHeader":
+        if not 0 <= output_tokens < 2**32:
+            raise ValueError(f"output_tokens {output_tokens} is not a u32")
+        return pb.StoreHeader(
+            scope=self._scope(model, adapter),
+            tokens=_wire_tokens(tokens),
+            first_page=first_page,
+            output_tokens=output_tokens,
+        )
 
     def release(self, lease_id: int, *, timeout: Optional[float] = None) -> None:
         """Ends a lease."""

@@ -109,7 +109,8 @@ def test_store_after_a_cached_prefix(alice):
     tokens = prompt(4)
     kv = blocks_for(4, seed=1)
     assert alice.store(tokens[: 2 * PAGE_SIZE], kv[: 2 * BLOCK_BYTES]).stored_pages == 2
-    r = alice.store(tokens, kv[2 * BLOCK_BYTES :], first_page=2)
+    # A finished request says how much it generated (for the `odds` policy).
+    r = alice.store(tokens, kv[2 * BLOCK_BYTES :], first_page=2, output_tokens=37)
     assert (r.cached_pages, r.stored_pages) == (2, 2)
     hit = alice.lookup(tokens, lease_ms=5_000)
     assert hit.pages == 4
@@ -175,7 +176,7 @@ def test_shm_store_writes_in_place(alice):
     assert len(res.offsets) == 2 and res.block_bytes == BLOCK_BYTES
     with SharedMemory(res.shm_path, writable=True) as shm:
         shm.write_blocks(res.offsets, split(more))
-    r = alice.commit_shm(res.reservation_id, longer, first_page=3)
+    r = alice.commit_shm(res.reservation_id, longer, first_page=3, output_tokens=12)
     assert (r.cached_pages, r.stored_pages) == (3, 2)
     hit = alice.lookup(longer, lease_ms=5_000)
     assert hit.pages == 5
@@ -263,6 +264,9 @@ def test_bad_input_is_invalid_argument_and_the_server_keeps_serving(alice):
         alice.store(tokens, blocks_for(1), first_page=3)  # past the prompt
     with pytest.raises(InvalidArgumentError):
         alice.exists([b"short"])
+    for wrong_output in (-1, 2**32):
+        with pytest.raises(ValueError, match="output_tokens"):
+            alice.store(tokens, blocks_for(2, seed=9), output_tokens=wrong_output)
     assert alice.lookup(tokens).pages == 0  # nothing half-stored
     assert alice.health().serving
     assert alice.store(tokens, blocks_for(2, seed=9)).stored_pages == 2

@@ -10,10 +10,11 @@
 //!
 //! A node's class at an insert: its uses so far (1, 2, 3, 4+), the log₂
 //! length in pages of the prompt that created it, the log₂ output length
-//! the caller gave ([`InsertHints::output_tokens`]; on the trace a short
-//! answer predicts a follow-up), and how far the node's first page is from
-//! the end of the prompt (a request's last pages are its own; the first
-//! page, because a node that ends a prompt is often all of a new prompt).
+//! the caller gave ([`InsertHints::output_tokens`], over gRPC a store's
+//! `output_tokens`; on the trace a short answer predicts a follow-up), and
+//! how far the node's first page is from the end of the prompt (a
+//! request's last pages are its own; the first page, because a node that
+//! ends a prompt is often all of a new prompt).
 //!
 //! `p_c` is learned online with censoring accounted for: a use `a` ticks
 //! old counts as `1 − e^{−a/μ}` of a trial (the chance a returning page
