@@ -743,6 +743,29 @@ impl Engine {
         }
     }
 
+    /// Says a finished sequence's output length to the cache, on the
+    /// pages it holds there (cached or stored by the sequence).
+    fn tell_output(&self, seq: &Sequence) {
+        let (Some(ns), Some(_)) = (&seq.ns, seq.finish) else {
+            return;
+        };
+        let pages = if seq.store_failed {
+            seq.cached
+        } else {
+            seq.stored_upto.max(seq.cached)
+        };
+        if pages == 0 {
+            return;
+        }
+        let output = (seq.tokens.len() - seq.output_start).min(u32::MAX as usize) as u32;
+        if ns
+            .finished(&seq.tokens[..pages * seq.page_size], output)
+            .is_err()
+        {
+            self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// The logits of the token after `prompt`, computed without the cache.
     pub fn next_token_logits(&self, prompt: &[u32]) -> Result<Vec<f32>> {
         let mut options = GenerateOptions::new(1);
@@ -765,8 +788,10 @@ impl Engine {
     }
 
     /// Ends a sequence (finished or not): releases its lease (dropping a
-    /// sequence does too) and reports.
+    /// sequence does too) and reports. A sequence that finished tells the
+    /// cache how much it generated, for policies that learn from it.
     pub fn finish(&self, seq: Sequence) -> Generation {
+        self.tell_output(&seq);
         Generation {
             tokens: seq.tokens[seq.prompt_len..].to_vec(),
             prompt_tokens: seq.prompt_len,

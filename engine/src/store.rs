@@ -8,7 +8,7 @@
 use crate::error::{EngineError, Result};
 use cache_server::client::{Client, Code, LeaseHandle, Scope, ServerInfo, SharedTier};
 use cache_server::{Cache, LookupOptions};
-use radix_tree::{Lease, NamespaceId, PageHash};
+use radix_tree::{InsertHints, Lease, NamespaceId, PageHash};
 use std::fmt::Debug;
 use std::future::Future;
 use std::ops::Deref;
@@ -37,6 +37,13 @@ pub trait KvNamespace: Send + Sync + Debug {
     /// their blocks back to back, and only theirs: the pages before must
     /// be cached already).
     fn store(&self, tokens: &[u32], first_page: usize, data: &[u8]) -> Result<Stored>;
+    /// The request whose pages of `tokens` (whole pages, cached) were
+    /// stored has finished, having generated `output_tokens`: a store whose
+    /// eviction policy learns from output lengths (`odds`) hears of it.
+    /// Stores with nothing to learn ignore it.
+    fn finished(&self, _tokens: &[u32], _output_tokens: u32) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// What a [`KvNamespace::store`] did.
@@ -164,6 +171,18 @@ impl KvNamespace for EmbeddedNs {
         } else {
             Stored::Pages(out.stored_pages)
         })
+    }
+
+    /// A store of no blocks that says the output length.
+    fn finished(&self, tokens: &[u32], output_tokens: u32) -> Result<()> {
+        let pages = tokens.len() / self.cache.config().page_size();
+        let hints = InsertHints {
+            output_tokens,
+            ..InsertHints::default()
+        };
+        self.cache
+            .store_with_hints(self.ns, tokens, pages, &[], hints)?;
+        Ok(())
     }
 }
 
@@ -389,6 +408,26 @@ impl KvNamespace for RemoteNs {
             Err(e) if e.code() == Code::FailedPrecondition => Ok(Stored::PrefixMissing),
             Err(e) => Err(remote_err(e)),
         }
+    }
+
+    /// A `Store` call of no blocks with the output length.
+    fn finished(&self, tokens: &[u32], output_tokens: u32) -> Result<()> {
+        let (client, scope, tokens) = (
+            self.remote.client.clone(),
+            self.scope.clone(),
+            tokens.to_vec(),
+        );
+        let (block, page_size) = (self.remote.info.block_bytes, self.remote.info.page_size);
+        let pages = tokens.len() / page_size.max(1);
+        self.remote
+            .call(async move {
+                let empty = bytes::Bytes::new();
+                client
+                    .store_with_output(&scope, &tokens, pages, empty, block, output_tokens)
+                    .await
+            })
+            .map_err(remote_err)?;
+        Ok(())
     }
 }
 

@@ -145,6 +145,8 @@ fn bad_requests_get_typed_errors() {
 struct Script {
     /// Each store call's first page and page count.
     calls: Vec<(usize, usize)>,
+    /// Each finished request's tokens (whole pages) and output length.
+    finished: Vec<(usize, u32)>,
     /// Answer the call of this index "prefix missing" (storing nothing).
     lose_at: Option<usize>,
     /// Fail the call of this index.
@@ -209,6 +211,12 @@ impl engine::KvNamespace for RecordingNs {
         }
         self.inner.store(tokens, first_page, data)
     }
+
+    fn finished(&self, tokens: &[u32], output_tokens: u32) -> engine::Result<()> {
+        let mut s = self.script.lock().unwrap();
+        s.finished.push((tokens.len(), output_tokens));
+        self.inner.finished(tokens, output_tokens)
+    }
 }
 
 #[test]
@@ -265,6 +273,11 @@ fn each_page_is_handed_to_the_store_once_and_again_only_after_a_loss() {
         [(0, 2), (2, 1), (3, 1), (0, 4), (4, 1), (5, 1), (6, 1)]
     );
     assert_eq!(g.stored_pages, pages);
+    // Then the request's output length, on the pages it stored.
+    assert_eq!(
+        script.lock().unwrap().finished,
+        [(pages * ps, g.tokens.len() as u32)]
+    );
     let stats = engine.stats();
     assert_eq!(
         stats.sent_pages.load(Ordering::Relaxed),
@@ -284,6 +297,8 @@ fn each_page_is_handed_to_the_store_once_and_again_only_after_a_loss() {
         .generate(&other, &options(n, true, "handed"))
         .unwrap();
     assert_eq!(script.lock().unwrap().calls, [(0, 2), (2, 1)]);
+    // Nothing of it is cached for sure: no output length is told.
+    assert!(script.lock().unwrap().finished.is_empty());
     assert_eq!(g.stored_pages, 2);
     assert_eq!(stats.store_errors.load(Ordering::Relaxed), 1);
 }

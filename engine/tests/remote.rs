@@ -192,6 +192,10 @@ fn remote_stores_send_each_page_once() {
     // Each page's block went over gRPC once (resending the earlier ones
     // with each new page would be 2 + 3 + 4 + ... pages).
     assert_eq!(srv.grpc_store_bytes(), pages as u64 * bb);
+    // Its output length followed in a store of no blocks, which the server
+    // took.
+    let errors = |e: &Engine| e.stats().store_errors.load(Ordering::Relaxed);
+    assert_eq!(errors(&engine), 0);
 
     // Again: the prompt's pages are read from the cache, and the output's,
     // which the cache has already, go once each.

@@ -586,7 +586,9 @@ impl RadixIndex {
     /// [`insert_after`](Self::insert_after) with what the caller knows of
     /// the request. For a policy that reads hints, every node from the root
     /// to `parent` records the access too, as if the whole prompt had been
-    /// inserted.
+    /// inserted. With no pages (`tokens` empty) it only records that access:
+    /// how a caller reports a finished request's output length for a
+    /// prompt it stored before.
     pub fn insert_after_with_hints(
         &self,
         ns: NamespaceId,
@@ -1127,6 +1129,68 @@ mod tests {
     fn index_is_send_and_sync() {
         fn is<T: Send + Sync>() {}
         is::<RadixIndex>();
+    }
+
+    /// An insert of no pages after a cached page reports the request's hints
+    /// to a policy that reads them, on every node from the root to that
+    /// page, and leaves the tree as it was (no split at a page mid-node).
+    #[test]
+    fn an_insert_of_nothing_tells_the_policy_and_changes_nothing() {
+        use crate::policy::{Access, NodeInfo, NodeStats};
+        use crate::sync::Mutex;
+
+        #[derive(Debug, Default)]
+        struct Heard(Mutex<Vec<(u32, u32)>>);
+        impl EvictionPolicy for Heard {
+            fn name(&self) -> &str {
+                "heard"
+            }
+            fn on_access(&self, _: &NodeStats, node: &NodeInfo, access: Access) {
+                self.0.lock().push((node.depth_pages, access.output_tokens));
+            }
+            fn key(&self, stats: &NodeStats, _: &NodeInfo) -> u64 {
+                stats.last_access()
+            }
+            fn reads_insert_hints(&self) -> bool {
+                true
+            }
+        }
+
+        let heard = Arc::new(Heard::default());
+        let index = RadixIndex::new(
+            IndexConfig::builder()
+                .policy(heard.clone())
+                .build()
+                .unwrap(),
+        );
+        let key = NamespaceKey::new("t", "m", "l", "");
+        let ns = index
+            .create_namespace(&key, NamespaceConfig::new(2).unwrap())
+            .unwrap();
+        let prompt: Vec<u32> = (0..8).collect();
+        let blocks = [BlockId(1); 4];
+        index
+            .insert(ns, &prompt[..4], Tier::Host, &blocks[..2])
+            .unwrap();
+        index.insert(ns, &prompt, Tier::Host, &blocks).unwrap();
+        let nodes = index.stats().nodes;
+        heard.0.lock().clear();
+
+        // The second node holds pages 2 and 3: page 2 ends mid-node.
+        let hashes = index.page_hashes(ns, &prompt).unwrap();
+        let hints = InsertHints {
+            output_tokens: 42,
+            ..InsertHints::default()
+        };
+        let out = index
+            .insert_after_with_hints(ns, Some(hashes[2]), &[], Tier::Host, &[], hints)
+            .unwrap();
+        assert_eq!(out.new_pages, 0);
+        assert_eq!(index.stats().nodes, nodes, "no split");
+        let told = heard.0.lock().clone();
+        assert!(told.contains(&(0, 42)), "the first node: {told:?}");
+        assert!(told.contains(&(2, 42)), "the node holding page 2: {told:?}");
+        assert_eq!(index.match_prefix(ns, &prompt).unwrap().pages, 4);
     }
 
     /// Readers that always overlap leave a writer no gap: once its patience

@@ -911,7 +911,9 @@ impl Tree {
             None => ROOT,
             Some(hash) => {
                 let (n, off) = self.locate(hash).ok_or(IndexError::UnknownPage(hash))?;
-                let n = if off + 1 < self.nodes[n as usize].pages() {
+                // An insert of no whole page (hints alone) needs no split.
+                let inserts = tokens.len() >= self.page_size;
+                let n = if off + 1 < self.nodes[n as usize].pages() && inserts {
                     self.split(n, off + 1, ctx.policy)
                 } else {
                     n

@@ -1,6 +1,7 @@
 //! Output lengths over the wire: a store's `output_tokens` reaches the
 //! server's `odds` policy, which learns from it which prompts come back.
 
+use bytes::Bytes;
 use cache_server::client::{Client, SharedTier};
 use radixkv_tests::*;
 
@@ -13,6 +14,9 @@ enum Store {
     WithOutput,
     /// Shared-memory slots committed with the output length.
     ShmWithOutput,
+    /// `Store` without an output length, then a `Store` of no blocks with
+    /// it, as an engine does that stores while it prefills.
+    OutputAfter,
 }
 
 const PAGES: usize = 2;
@@ -48,6 +52,13 @@ async fn returns_caught(store: Store) -> f64 {
             let first = found.pages;
             stored(&client, &shm, &scope, &tokens, first, id, output, store).await;
         }
+        if store == Store::OutputAfter {
+            let out = client
+                .store_with_output(&scope, &tokens, PAGES, Bytes::new(), BLOCK, output)
+                .await
+                .unwrap();
+            assert_eq!((out.cached_pages, out.stored_pages), (PAGES, 0));
+        }
     }
     hit as f64 / returning as f64
 }
@@ -64,7 +75,7 @@ async fn stored(
     store: Store,
 ) {
     let out = match store {
-        Store::Blind => client
+        Store::Blind | Store::OutputAfter => client
             .store(scope, tokens, first, blocks(id, first..PAGES), BLOCK)
             .await
             .unwrap(),
@@ -95,12 +106,16 @@ async fn stored(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_lengths_let_odds_keep_the_prompts_that_return() {
-    let (blind, told, told_shm) = tokio::join!(
+    let (blind, told, told_shm, told_after) = tokio::join!(
         returns_caught(Store::Blind),
         returns_caught(Store::WithOutput),
         returns_caught(Store::ShmWithOutput),
+        returns_caught(Store::OutputAfter),
     );
-    eprintln!("returns caught: blind {blind:.3}, told {told:.3}, told by shm {told_shm:.3}");
+    eprintln!(
+        "returns caught: blind {blind:.3}, told {told:.3}, told by shm {told_shm:.3}, \
+         told after the store {told_after:.3}"
+    );
     // Without output lengths every prompt looks alike, and a return comes
     // after more pages than the cache holds: recency keeps none of them.
     assert!(blind < 0.1, "blind {blind}");
@@ -108,5 +123,9 @@ async fn output_lengths_let_odds_keep_the_prompts_that_return() {
     assert!(
         told_shm > 0.5,
         "with output lengths, by shared memory {told_shm}"
+    );
+    assert!(
+        told_after > 0.5,
+        "with output lengths after the blocks {told_after}"
     );
 }

@@ -430,6 +430,11 @@ impl Cache {
         let pages = tokens.len() / ps;
         let key = self.key_bytes(ns)?;
         let cached = self.index.cached_pages(ns, tokens)?;
+        if cached >= pages && pages > 0 && hints != InsertHints::default() {
+            // Nothing to store, but the request's hints (a finished
+            // request's output length) still reach the cached prompt.
+            self.tell_hints(ns, &tokens[..pages * ps], hints)?;
+        }
         if cached < first_page || cached >= pages {
             return Ok(StoreOutcome {
                 cached_pages: cached,
@@ -458,6 +463,22 @@ impl Cache {
             cached_pages: cached,
             stored_pages: stored,
         })
+    }
+
+    /// Records `hints` on the cached prompt `tokens` (whole pages) as an
+    /// insert of nothing after its last page: the policy hears of the
+    /// request (its output length) without a block moving. A prompt that
+    /// left the cache meanwhile is not an error.
+    fn tell_hints(&self, ns: NamespaceId, tokens: &[u32], hints: InsertHints) -> Result<()> {
+        let hashes = self.index.page_hashes(ns, tokens)?;
+        let last = hashes.last().copied();
+        match self
+            .index
+            .insert_after_with_hints(ns, last, &[], self.top(), &[], hints)
+        {
+            Ok(_) | Err(IndexError::UnknownPage(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Stores pages named by hash (SGLang HiCache's `batch_set`): the pages

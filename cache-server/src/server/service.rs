@@ -572,6 +572,18 @@ impl CacheService {
             self.store_batch(&target, next, blocks, &mut outcome)
                 .await?;
         }
+        if expected == 0 && target.hints != InsertHints::default() {
+            // No blocks, only what the request says of itself (a finished
+            // request's output length): the cached prompt hears of it.
+            let state = s.clone();
+            let (tokens, hints) = (target.tokens.clone(), target.hints);
+            blocking(move || {
+                Ok(state
+                    .cache
+                    .store_blocks_with_hints(ns, &tokens, first_page, &[], hints)?)
+            })
+            .await?;
+        }
         s.metrics
             .grpc_store_bytes
             .fetch_add(received as u64, Ordering::Relaxed);

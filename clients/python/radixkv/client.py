@@ -360,7 +360,9 @@ class Client:
         the server checks that they add up to one block per whole page.
         ``output_tokens``: how many tokens the request generated, when it
         has finished (0: not known); the ``odds`` policy learns from it
-        which prompts come back."""
+        which prompts come back. A request stored while it ran can say it
+        at the end with no blocks: ``store(tokens, b"", first_page=pages,
+        output_tokens=n)``."""
         header = self._store_header(tokens, first_page, output_tokens, model, adapter)
         chunk = self.chunk_bytes
 

@@ -112,6 +112,9 @@ def test_store_after_a_cached_prefix(alice):
     # A finished request says how much it generated (for the `odds` policy).
     r = alice.store(tokens, kv[2 * BLOCK_BYTES :], first_page=2, output_tokens=37)
     assert (r.cached_pages, r.stored_pages) == (2, 2)
+    # Or says it after storing: a store of no blocks.
+    r = alice.store(tokens, b"", first_page=4, output_tokens=37)
+    assert (r.cached_pages, r.stored_pages) == (4, 0)
     hit = alice.lookup(tokens, lease_ms=5_000)
     assert hit.pages == 4
     assert b"".join(b.data for b in alice.load(hit.lease_id)) == kv

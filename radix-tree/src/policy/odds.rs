@@ -28,10 +28,13 @@
 //! last use and starts a new one, classed with the last output length
 //! known. The insert that follows (the request's blocks stored, with
 //! [`InsertHints::output_tokens`]) moves that use to the class of its real
-//! output. An insert with no lookup before it (another tier's copy, a
-//! duplicate) is not a use. With `insert_after`, the index touches every
-//! node from the root to the parent for policies that read hints, so a
-//! store of the new pages alone refines the whole prompt's use.
+//! output; until an insert says the output, the use stays open, so an
+//! engine that stores while it prefills can say it when the request ends
+//! (an insert of no pages, see `insert_after_with_hints`). Any other
+//! insert (another tier's copy, a duplicate) is not a use. With
+//! `insert_after`, the index touches every node from the root to the
+//! parent for policies that read hints, so a store of the new pages alone
+//! refines the whole prompt's use.
 //!
 //! Cost: one short critical section per access to learn and price the
 //! class (a lookup takes it too, to credit a return). Keys are fixed at
@@ -59,10 +62,11 @@ const PRIOR_GAP: f64 = 200.0;
 /// Ghosts remembered (a few bytes each).
 const GHOSTS: usize = 1 << 16;
 
-// A node's policy word: bit 63 = its current use began at a lookup (the
-// next insert refines it); bits KEY_BITS-1..63 = class + 1 (0: none yet);
-// the rest = key.
-const LOOKED_UP: u64 = 1 << 63;
+// A node's policy word: bit 63 = its current use is open (it began at a
+// lookup, or was stored without an output length: an insert that says the
+// output refines it); bits KEY_BITS-1..63 = class + 1 (0: none yet); the
+// rest = key.
+const OPEN: u64 = 1 << 63;
 const CLASS_SHIFT: u32 = KEY_BITS - 1;
 const KEY_MASK: u64 = (1 << CLASS_SHIFT) - 1;
 // Class + 1 fits between the flag and the key.
@@ -235,16 +239,16 @@ impl Default for ReturnOdds {
 }
 
 fn unpack(aux: u64) -> (bool, Option<Class>, u64) {
-    let class = ((aux & !LOOKED_UP) >> CLASS_SHIFT) as u16;
+    let class = ((aux & !OPEN) >> CLASS_SHIFT) as u16;
     (
-        aux & LOOKED_UP != 0,
+        aux & OPEN != 0,
         class.checked_sub(1).map(Class),
         aux & KEY_MASK,
     )
 }
 
-fn pack(looked_up: bool, class: Class, key: u64) -> u64 {
-    (if looked_up { LOOKED_UP } else { 0 }) | (u64::from(class.0 + 1) << CLASS_SHIFT) | key
+fn pack(open: bool, class: Class, key: u64) -> u64 {
+    (if open { OPEN } else { 0 }) | (u64::from(class.0 + 1) << CLASS_SHIFT) | key
 }
 
 impl EvictionPolicy for ReturnOdds {
@@ -253,7 +257,7 @@ impl EvictionPolicy for ReturnOdds {
     }
 
     fn on_access(&self, stats: &NodeStats, node: &NodeInfo, access: Access) {
-        let (looked_up, class, key) = unpack(stats.aux());
+        let (open, class, key) = unpack(stats.aux());
         let pages = f64::from(node.pages);
         // From the node's first page: a node that ends a prompt is often
         // the whole of a new prompt, not only its tail.
@@ -273,8 +277,11 @@ impl EvictionPolicy for ReturnOdds {
             }
             (AccessKind::Hit, None) => return,
             // The insert that follows a lookup says the rest of that use's
-            // class (the output); the use moves to it.
-            (AccessKind::Insert, Some(was)) if looked_up => {
+            // class (the output); the use moves to it. An insert that does
+            // not know the output leaves the use open for one that does
+            // (an engine that stores while it prefills says the output
+            // when the request ends).
+            (AccessKind::Insert, Some(was)) if open => {
                 let c = was.next(was.uses() as u32 + 1, access.output_tokens, from_end);
                 if c != was {
                     l.unused(was, pages, access.tick, access.previous);
@@ -282,7 +289,7 @@ impl EvictionPolicy for ReturnOdds {
                 }
                 c
             }
-            // Inserted again with no lookup between (another tier's copy, a
+            // Inserted again once the use is closed (another tier's copy, a
             // duplicate): not a use.
             (AccessKind::Insert, Some(_)) => return,
             // A new node: a ghost says whether it was here before.
@@ -304,7 +311,7 @@ impl EvictionPolicy for ReturnOdds {
             }
         };
         let key = l.key(c, access.tick);
-        stats.set_aux(pack(false, c, key));
+        stats.set_aux(pack(access.output_tokens == 0, c, key));
     }
 
     fn key(&self, stats: &NodeStats, _: &NodeInfo) -> u64 {
@@ -334,9 +341,9 @@ mod tests {
     #[test]
     fn the_policy_word_round_trips() {
         let c = Class::new(3, 7, 40, 2);
-        for looked_up in [false, true] {
+        for open in [false, true] {
             for key in [0, 1, KEY_MASK / 3, KEY_MASK] {
-                assert_eq!(unpack(pack(looked_up, c, key)), (looked_up, Some(c), key));
+                assert_eq!(unpack(pack(open, c, key)), (open, Some(c), key));
             }
         }
         assert_eq!(unpack(0), (false, None, 0));
