@@ -478,8 +478,8 @@ impl Client {
         data: Bytes,
         block_bytes: usize,
     ) -> Result<StoreReply> {
-        let header = store_header(scope, tokens, first_page, 0);
-        self.store_stream(header, data, block_bytes).await
+        self.store_with_output(scope, tokens, first_page, data, block_bytes, 0)
+            .await
     }
 
     /// [`Client::store`] for a finished request that generated
@@ -495,15 +495,6 @@ impl Client {
         output_tokens: u32,
     ) -> Result<StoreReply> {
         let header = store_header(scope, tokens, first_page, output_tokens);
-        self.store_stream(header, data, block_bytes).await
-    }
-
-    async fn store_stream(
-        &self,
-        header: pb::StoreHeader,
-        data: Bytes,
-        block_bytes: usize,
-    ) -> Result<StoreReply> {
         let step = block_bytes.max(1);
         let mut messages = Vec::with_capacity(data.len() / step + 1);
         let mut offset = 0;
