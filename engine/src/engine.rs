@@ -749,10 +749,11 @@ impl Engine {
         let (Some(ns), Some(_)) = (&seq.ns, seq.finish) else {
             return;
         };
+        // `stored_upto` starts at `cached` and only grows.
         let pages = if seq.store_failed {
             seq.cached
         } else {
-            seq.stored_upto.max(seq.cached)
+            seq.stored_upto
         };
         if pages == 0 {
             return;
