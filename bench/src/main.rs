@@ -151,6 +151,10 @@ struct PolicyLabArgs {
     /// returns, second returns, ... (which reuse each policy catches).
     #[arg(long)]
     by_use: bool,
+    /// Also print whether a document's past rate of use predicts the gap
+    /// to its next use (its uses in thirds by rate, median gap in each).
+    #[arg(long)]
+    gaps: bool,
 }
 
 fn main() -> Result<()> {
@@ -343,7 +347,30 @@ fn run_policy_lab(args: &PolicyLabArgs) -> Result<()> {
             println!();
         }
     }
+    if args.gaps {
+        print_gaps_by_rate(&w);
+    }
     Ok(())
+}
+
+fn print_gaps_by_rate(w: &policy_lab::World) {
+    println!("\nnext use of a document used k or more times, by its past rate (thirds; the last quarter of the trace left out)");
+    println!(
+        "{:>3} {:>6} {:>10} {:>16} {:>6}",
+        "k", "third", "past rate", "median next gap", "uses"
+    );
+    for k in [2, 4] {
+        let Some(thirds) = policy_lab::next_gap_by_rate(w, k) else {
+            println!("{k:>3}  too few returns");
+            continue;
+        };
+        for (name, t) in ["low", "mid", "high"].iter().zip(thirds) {
+            println!(
+                "{k:>3} {name:>6} {:>10.4} {:>16} {:>6}",
+                t.rate, t.gap, t.uses
+            );
+        }
+    }
 }
 
 fn run_gen(args: &GenArgs) -> Result<()> {

@@ -147,6 +147,13 @@ impl ReturnOdds {
     /// carry each one's own future: that version reaches 0.708 of Belady at
     /// 3M tokens, this one 0.644, what population odds are worth.
     pub fn fitted(w: &World) -> Self {
+        Self::fitted_to(w, |_, _| true)
+    }
+
+    /// [`ReturnOdds::fitted`] with `p_c` the share of a class's uses whose
+    /// next use is `wanted(block, next)`, e.g. one that Belady serves from
+    /// the cache. `μ` stays the mean gap to any next use.
+    pub fn fitted_to(w: &World, wanted: impl Fn(u32, u32) -> bool) -> Self {
         let (mut uses, mut again) = (vec![0f64; FINE], vec![0f64; FINE]);
         let mut own: HashMap<(usize, usize), (f64, f64)> = HashMap::new();
         let mut gaps = [(0f64, 0f64); USES];
@@ -165,8 +172,10 @@ impl ReturnOdds {
                 mine.0 += 1.0;
                 let next = w.next_use(b, t);
                 if next != NONE {
-                    again[c.fine] += 1.0;
-                    mine.1 += 1.0;
+                    if wanted(b, next) {
+                        again[c.fine] += 1.0;
+                        mine.1 += 1.0;
+                    }
                     gaps[c.uses].0 += f64::from(next) - t as f64;
                     gaps[c.uses].1 += 1.0;
                 }
